@@ -1,0 +1,3 @@
+//! Embedded persistent state under `data_dir`.
+
+pub mod accounts;
