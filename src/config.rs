@@ -56,7 +56,7 @@ impl Default for ServerConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsConfig {
     /// Directory of Tigase-style `{domain}.pem` bundles (key + certificate + chain), chosen by SNI;
@@ -68,6 +68,17 @@ pub struct TlsConfig {
     pub key: Option<PathBuf>,
     /// Seconds between checks of the certificate files for changes (0 disables; SIGHUP always reloads).
     pub reload_check_secs: u64,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            certs_dir: None,
+            cert: None,
+            key: None,
+            reload_check_secs: 30,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -173,5 +184,344 @@ impl Default for LogConfig {
         Self {
             level: "info".into(),
         }
+    }
+}
+
+impl Config {
+    /// Load `path` (or the embedded defaults when `None`), apply the process environment, validate.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_with_env(path, std::env::vars())
+    }
+
+    /// As [`Config::load`], with the environment passed in (for tests).
+    pub fn load_with_env(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let (text, name) = match path {
+            Some(p) => (
+                std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_path_buf(),
+                    source,
+                })?,
+                p.display().to_string(),
+            ),
+            None => (String::new(), "<embedded defaults>".to_string()),
+        };
+        let mut table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: name.clone(),
+            message: e.to_string(),
+        })?;
+        apply_env(&mut table, env)?;
+        let config: Config = Config::deserialize(table).map_err(|e| ConfigError::Parse {
+            path: name,
+            message: explain_serde(&e.to_string()),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks serde cannot express. Each error names the key and how to fix it.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                message: message.to_string(),
+            })
+        };
+        let d = &self.server.domain;
+        if d.is_empty()
+            || jid::BareJid::new(d)
+                .map(|j| j.node().is_some())
+                .unwrap_or(true)
+        {
+            return invalid(
+                "server.domain",
+                "must be a plain domain name such as `example.com` (set it, or TIGASE_DOMAIN)",
+            );
+        }
+        if self.c2s.starttls_listen.is_empty() && self.c2s.tls_listen.is_empty() {
+            return invalid(
+                "c2s.starttls_listen",
+                "no client listener configured: set `c2s.starttls_listen` and/or `c2s.tls_listen`",
+            );
+        }
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return invalid(
+                "tls.cert",
+                "`tls.cert` and `tls.key` must be set together (or use `tls.certs_dir`)",
+            );
+        }
+        if self.c2s.outbound_queue == 0 {
+            return invalid("c2s.outbound_queue", "must be at least 1");
+        }
+        if self.c2s.ping_interval_secs > 0 && self.c2s.ping_timeout_secs == 0 {
+            return invalid(
+                "c2s.ping_timeout_secs",
+                "must be at least 1 when `c2s.ping_interval_secs` is set",
+            );
+        }
+        if self.limits.max_stanza_bytes < 10_000 {
+            return invalid(
+                "limits.max_stanza_bytes",
+                "must be at least 10000 (RFC 6120 §13.12 requires accepting 10000-byte stanzas)",
+            );
+        }
+        if self.limits.max_depth < 2 {
+            return invalid("limits.max_depth", "must be at least 2");
+        }
+        if self.limits.preauth_timeout_secs == 0 {
+            return invalid("limits.preauth_timeout_secs", "must be at least 1");
+        }
+        if self.limits.tls_handshake_timeout_secs == 0 {
+            return invalid("limits.tls_handshake_timeout_secs", "must be at least 1");
+        }
+        if self.limits.preauth_max_bytes < 4096 {
+            return invalid("limits.preauth_max_bytes", "must be at least 4096");
+        }
+        if self.limits.inbound_bytes_per_sec > 0
+            && self.limits.inbound_burst_bytes < self.limits.max_stanza_bytes
+        {
+            return invalid(
+                "limits.inbound_burst_bytes",
+                "must be at least `limits.max_stanza_bytes`, or one maximal stanza could never pass",
+            );
+        }
+        if let Some(s) = &self.auth.device_secret
+            && s.len() < 16
+        {
+            return invalid(
+                "auth.device_secret",
+                "must be at least 16 characters (e.g. `openssl rand -hex 32`), or left unset",
+            );
+        }
+        if self.auth.device_scram_iterations == 0 || self.auth.scram_iterations == 0 {
+            return invalid(
+                "auth.scram_iterations",
+                "iteration counts must be at least 1",
+            );
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML, with secrets replaced, for `tern check-config`.
+    pub fn to_redacted_toml(&self) -> String {
+        let mut shown = self.clone();
+        if shown.auth.device_secret.is_some() {
+            shown.auth.device_secret = Some("<redacted>".into());
+        }
+        toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+/// serde's "unknown field" message lists the expected names; add the fix.
+fn explain_serde(msg: &str) -> String {
+    if msg.contains("unknown field") {
+        format!(
+            "{msg}\nfix: remove or correct the key (see config/tern.example.toml for every key)"
+        )
+    } else {
+        msg.to_string()
+    }
+}
+
+/// Apply `TERN_<SECTION>_<KEY>` and `TIGASE_DOMAIN` to the parsed table. The value's type is taken from
+/// the defaults, so `TERN_C2S_TLS_LISTEN=0.0.0.0:443,[::]:443` becomes a list and numbers stay numbers.
+fn apply_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    let defaults = toml::Table::try_from(Config::default()).unwrap_or_default();
+    for (var, value) in env {
+        let (section, key) = if var == "TIGASE_DOMAIN" {
+            ("server".to_string(), "domain".to_string())
+        } else if let Some(rest) = var.strip_prefix("TERN_") {
+            let Some((s, k)) = rest.split_once('_') else {
+                continue;
+            };
+            (s.to_ascii_lowercase(), k.to_ascii_lowercase())
+        } else {
+            continue;
+        };
+        let env_err = |message: String| ConfigError::Env {
+            var: var.clone(),
+            message,
+        };
+        let Some(default_section) = defaults.get(&section).and_then(|v| v.as_table()) else {
+            if section == "log" || var.starts_with("TERN_") {
+                return Err(env_err(format!(
+                    "unknown section `{section}`; expected one of: {}",
+                    known_sections()
+                )));
+            }
+            continue;
+        };
+        let kind = default_section
+            .get(&key)
+            .cloned()
+            .or_else(|| optional_key(&section, &key));
+        let Some(kind) = kind else {
+            return Err(env_err(format!(
+                "unknown key `{key}` in section [{section}]; expected one of: {}",
+                default_section
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        };
+        let parsed = match kind {
+            toml::Value::Array(_) => toml::Value::Array(
+                value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| toml::Value::String(s.to_string()))
+                    .collect(),
+            ),
+            toml::Value::Integer(_) => toml::Value::Integer(
+                value
+                    .trim()
+                    .parse()
+                    .map_err(|_| env_err(format!("`{value}` is not a whole number")))?,
+            ),
+            toml::Value::Boolean(_) => toml::Value::Boolean(
+                value
+                    .trim()
+                    .parse()
+                    .map_err(|_| env_err(format!("`{value}` is not `true` or `false`")))?,
+            ),
+            _ => toml::Value::String(value.clone()),
+        };
+        let entry = table
+            .entry(section)
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        match entry.as_table_mut() {
+            Some(t) => {
+                t.insert(key, parsed);
+            }
+            None => {
+                return Err(env_err(
+                    "the config file has this section as a non-table".into(),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn known_sections() -> String {
+    "server, tls, c2s, auth, limits, log".into()
+}
+
+/// Keys whose default is `None` (absent from the serialised defaults), with their value kind.
+fn optional_key(section: &str, key: &str) -> Option<toml::Value> {
+    match (section, key) {
+        ("tls", "certs_dir" | "cert" | "key") | ("auth", "device_secret") => {
+            Some(toml::Value::String(String::new()))
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn load_str(text: &str, e: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("t.toml");
+        std::fs::write(&p, text).expect("write");
+        Config::load_with_env(Some(&p), env(e))
+    }
+
+    #[test]
+    fn example_config_is_valid() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tern.example.toml");
+        let c = Config::load_with_env(Some(&p), env(&[])).expect("example config");
+        assert_eq!(c.c2s.tls_listen, vec!["0.0.0.0:443".parse().unwrap()]);
+        assert_eq!(c.c2s.starttls_listen, vec!["0.0.0.0:5222".parse().unwrap()]);
+    }
+
+    #[test]
+    fn embedded_defaults() {
+        let c = Config::load_with_env(None, env(&[])).expect("defaults");
+        assert_eq!(c.server.domain, "localhost");
+        assert_eq!(
+            c.c2s.starttls_listen,
+            vec!["127.0.0.1:5222".parse().unwrap()]
+        );
+        assert_eq!(c.c2s.tls_listen, vec!["127.0.0.1:5223".parse().unwrap()]);
+        assert_eq!(c.limits.max_stanza_bytes, 256 * 1024);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = load_str("[server]\ndomian = \"x\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("domian"), "{e}");
+        assert!(e.contains("fix"), "{e}");
+        let e = load_str("[nosuch]\na = 1\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("nosuch"), "{e}");
+    }
+
+    #[test]
+    fn env_overrides_and_tigase_domain() {
+        let c = load_str(
+            "[server]\ndomain = \"a.example\"\n",
+            &[
+                ("TIGASE_DOMAIN", "b.example"),
+                ("TERN_C2S_TLS_LISTEN", "0.0.0.0:443, [::]:443"),
+                ("TERN_LIMITS_MAX_DEPTH", "10"),
+                ("TERN_AUTH_DEVICE_SECRET", "0123456789abcdef0123"),
+                ("PATH", "/bin"),
+            ],
+        )
+        .expect("load");
+        assert_eq!(c.server.domain, "b.example");
+        assert_eq!(c.c2s.tls_listen.len(), 2);
+        assert_eq!(c.limits.max_depth, 10);
+        assert!(c.auth.device_secret.is_some());
+        let red = c.to_redacted_toml();
+        assert!(!red.contains("0123456789abcdef0123"), "{red}");
+    }
+
+    #[test]
+    fn env_errors_name_the_variable() {
+        let e = load_str("", &[("TERN_LIMITS_MAX_DEPHT", "3")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("TERN_LIMITS_MAX_DEPHT") && e.contains("max_depth"),
+            "{e}"
+        );
+        let e = load_str("", &[("TERN_LIMITS_MAX_DEPTH", "ten")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("whole number"), "{e}");
+    }
+
+    #[test]
+    fn validation_names_key() {
+        let e = load_str("[limits]\nmax_stanza_bytes = 100\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("limits.max_stanza_bytes"), "{e}");
+        let e = load_str("[tls]\ncert = \"/x\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tls.cert"), "{e}");
+        let e = load_str("[server]\ndomain = \"a@b\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("server.domain"), "{e}");
     }
 }

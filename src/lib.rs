@@ -11,6 +11,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod limits;
 pub mod server;
 pub mod store;
 pub mod tls;

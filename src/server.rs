@@ -1,1 +1,271 @@
-//! Work in progress.
+//! Wires the parts together: certificates, account store, router, listeners; and shuts them down.
+//!
+//! Shutdown follows hickory-dns: one `CancellationToken` for everything, a `TaskTracker` for the
+//! connection tasks. On SIGTERM/SIGINT listeners stop accepting, every session gets `system-shutdown`
+//! (RFC 6120 §4.9.3.17), and the process waits (bounded) for the connections to finish writing.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpSocket};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::{AuthThrottle, Authenticator};
+use crate::config::Config;
+use crate::limits::IpLimiter;
+use crate::store::accounts::AccountStore;
+use crate::tls::Tls;
+use crate::xmpp::c2s::C2sContext;
+use crate::xmpp::conn::{self, ConnSettings, ListenerKind};
+use crate::xmpp::router::Router;
+
+/// Startup failures, phrased for the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("listener `{listener}` on {addr}: {reason}")]
+    Bind {
+        listener: &'static str,
+        addr: SocketAddr,
+        reason: String,
+    },
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    Store(#[from] crate::store::accounts::StoreError),
+}
+
+/// How long connections get to say goodbye on shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// A running server. Dropping it does not stop it; call [`Server::shutdown`] or cancel the token.
+pub struct Server {
+    pub router: Arc<Router>,
+    pub tls: Arc<Tls>,
+    pub cancel: CancellationToken,
+    pub local_addrs: Vec<(ListenerKind, SocketAddr)>,
+    tracker: TaskTracker,
+}
+
+impl Server {
+    /// Load certificates and accounts, bind every listener (all or nothing), start accepting.
+    pub async fn start(config: &Config) -> Result<Server, ServerError> {
+        raise_fd_limit();
+        let tls = Tls::load(&config.server, &config.tls)?;
+        let store = Arc::new(AccountStore::open(&config.server.data_dir)?);
+        let router = Arc::new(Router::new());
+        let auth = Arc::new(Authenticator::new(
+            &config.server.domain,
+            &config.auth,
+            store,
+        ));
+        let ctx = Arc::new(C2sContext {
+            domain: config.server.domain.clone(),
+            router: router.clone(),
+            auth,
+            throttle: Arc::new(AuthThrottle::new(&config.auth)),
+            preauth_timeout: Duration::from_secs(config.limits.preauth_timeout_secs),
+            preauth_max_bytes: config.limits.preauth_max_bytes,
+            ping_interval: (config.c2s.ping_interval_secs > 0)
+                .then(|| Duration::from_secs(config.c2s.ping_interval_secs)),
+            ping_timeout: Duration::from_secs(config.c2s.ping_timeout_secs),
+        });
+        let limits = &config.limits;
+        let settings = Arc::new(ConnSettings {
+            ctx,
+            tls: tls.clone(),
+            max_stanza_bytes: limits.max_stanza_bytes,
+            max_depth: limits.max_depth,
+            outbound_queue: config.c2s.outbound_queue,
+            tls_handshake_timeout: Duration::from_secs(limits.tls_handshake_timeout_secs),
+            inbound_rate: (limits.inbound_bytes_per_sec > 0)
+                .then_some((limits.inbound_bytes_per_sec, limits.inbound_burst_bytes)),
+        });
+
+        let mut listeners = Vec::new();
+        for (kind, addrs) in [
+            (ListenerKind::StartTls, &config.c2s.starttls_listen),
+            (ListenerKind::DirectTls, &config.c2s.tls_listen),
+        ] {
+            for addr in addrs {
+                listeners.push((kind, bind(kind, *addr)?));
+            }
+        }
+
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let ip_limiter = IpLimiter::new(limits.max_connections_per_ip);
+        let mut local_addrs = Vec::new();
+        for (kind, listener) in listeners {
+            let addr = listener.local_addr().map_err(|e| ServerError::Bind {
+                listener: kind.name(),
+                addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+                reason: e.to_string(),
+            })?;
+            local_addrs.push((kind, addr));
+            tracker.spawn(accept_loop(
+                listener,
+                kind,
+                settings.clone(),
+                ip_limiter.clone(),
+                cancel.clone(),
+                tracker.clone(),
+            ));
+        }
+        tls.spawn_reloader(&config.tls, cancel.clone());
+        Ok(Server {
+            router,
+            tls,
+            cancel,
+            local_addrs,
+            tracker,
+        })
+    }
+
+    /// Stop accepting, send `system-shutdown` to every session, wait (bounded) for them to finish.
+    pub async fn shutdown(self) {
+        self.cancel.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(SHUTDOWN_GRACE, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("some connections did not close within {SHUTDOWN_GRACE:?}");
+        }
+    }
+}
+
+/// Run until SIGTERM or SIGINT, then shut down gracefully.
+pub async fn run(config: Config) -> Result<(), ServerError> {
+    let server = Server::start(&config).await?;
+    tracing::info!(domain = %config.server.domain, "certificates: {}", server.tls.describe());
+    for (kind, addr) in &server.local_addrs {
+        let what = match kind {
+            ListenerKind::StartTls => "STARTTLS (RFC 6120 §5)",
+            ListenerKind::DirectTls => "direct TLS (XEP-0368)",
+        };
+        tracing::info!("listening on {addr} for XMPP clients, {what}");
+    }
+    tracing::info!(
+        "log in as USER@{d}: create the account with `tern user add USER@{d}`{}",
+        if config.auth.device_secret.is_some() {
+            ", or use device credentials (password = hex HMAC-SHA256(device_secret, bare JID))"
+        } else {
+            ""
+        },
+        d = config.server.domain
+    );
+    wait_for_signal().await;
+    tracing::info!(
+        sessions = server.router.session_count(),
+        "shutting down: sending system-shutdown to every session"
+    );
+    server.shutdown().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop the server with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+fn bind(kind: ListenerKind, addr: SocketAddr) -> Result<TcpListener, ServerError> {
+    let err = |e: std::io::Error| {
+        let reason = match e.kind() {
+            std::io::ErrorKind::AddrInUse => {
+                "address already in use (another process listens there; stop it or choose another port)"
+                    .to_string()
+            }
+            std::io::ErrorKind::PermissionDenied => format!(
+                "permission denied ({e}); ports below 1024 need root or CAP_NET_BIND_SERVICE \
+                 (`setcap cap_net_bind_service=+ep $(which tern)`)"
+            ),
+            std::io::ErrorKind::AddrNotAvailable => {
+                format!("address not available on this machine ({e})")
+            }
+            _ => e.to_string(),
+        };
+        ServerError::Bind {
+            listener: kind.name(),
+            addr,
+            reason,
+        }
+    };
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(err)?;
+    socket.set_reuseaddr(true).map_err(err)?;
+    socket.bind(addr).map_err(err)?;
+    socket.listen(4096).map_err(err)
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    kind: ListenerKind,
+    settings: Arc<ConnSettings>,
+    ip_limiter: Arc<IpLimiter>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = cancel.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                metrics::counter!("tern_accept_errors_total").increment(1);
+                tracing::warn!(listener = kind.name(), error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Some(permit) = ip_limiter.try_acquire(peer.ip()) else {
+            metrics::counter!("tern_limit_hits_total", "limit" => "max_connections_per_ip")
+                .increment(1);
+            tracing::info!(%peer, "refusing connection: limits.max_connections_per_ip reached");
+            drop(tcp);
+            continue;
+        };
+        metrics::counter!("tern_connections_total", "listener" => kind.name()).increment(1);
+        let _ = tcp.set_nodelay(true);
+        let settings = settings.clone();
+        let cancel = cancel.clone();
+        tracker.spawn(async move {
+            conn::serve(tcp, peer, kind, settings, cancel).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Each session is a socket: lift the soft open-file limit to the hard one.
+fn raise_fd_limit() {
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}

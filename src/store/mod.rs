@@ -1,3 +1,5 @@
 //! Embedded persistent state under `data_dir`.
 
 pub mod accounts;
+
+pub use accounts::{Account, AccountStore, StoreError};

@@ -1,0 +1,134 @@
+//! Connection-level limits that are not part of the XMPP state machine: the inbound byte-rate token
+//! bucket (sans-IO: time passed in) and the per-IP concurrent connection cap.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+
+/// A token bucket counting bytes: `rate` per second sustained, `burst` at most.
+#[derive(Debug, Clone)]
+pub struct TokenBucket {
+    rate: usize,
+    burst: usize,
+    tokens: f64,
+    updated: Instant,
+}
+
+impl TokenBucket {
+    pub fn new(rate: usize, burst: usize, now: Instant) -> Self {
+        Self {
+            rate: rate.max(1),
+            burst: burst.max(1),
+            tokens: burst.max(1) as f64,
+            updated: now,
+        }
+    }
+
+    pub fn burst(&self) -> usize {
+        self.burst
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate as f64).min(self.burst as f64);
+        self.updated = now;
+    }
+
+    /// Whole bytes that may be read now.
+    pub fn available(&mut self, now: Instant) -> usize {
+        self.refill(now);
+        self.tokens.max(0.0) as usize
+    }
+
+    /// Record `n` bytes read (may go negative: a read is never cut short after the fact).
+    pub fn consume(&mut self, n: usize, now: Instant) {
+        self.refill(now);
+        self.tokens -= n as f64;
+    }
+
+    /// When `n` bytes will be available.
+    pub fn ready_at(&self, n: usize) -> Instant {
+        let missing = n as f64 - self.tokens;
+        if missing <= 0.0 {
+            return self.updated;
+        }
+        self.updated + Duration::from_secs_f64(missing / self.rate as f64)
+    }
+}
+
+/// Counts open connections per source address; a [`ConnPermit`] gives its slot back on drop.
+#[derive(Debug, Default)]
+pub struct IpLimiter {
+    max: usize,
+    open: DashMap<IpAddr, usize>,
+}
+
+/// Proof that a connection was admitted; releases the slot when dropped.
+#[derive(Debug)]
+pub struct ConnPermit {
+    limiter: Arc<IpLimiter>,
+    ip: IpAddr,
+}
+
+impl IpLimiter {
+    /// `max` = 0 means unlimited.
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            max,
+            open: DashMap::new(),
+        })
+    }
+
+    pub fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Option<ConnPermit> {
+        let mut n = self.open.entry(ip).or_insert(0);
+        if self.max > 0 && *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        drop(n);
+        Some(ConnPermit {
+            limiter: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for ConnPermit {
+    fn drop(&mut self) {
+        self.limiter.open.remove_if_mut(&self.ip, |_, n| {
+            *n = n.saturating_sub(1);
+            *n == 0
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_refills_at_rate_up_to_burst() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(1000, 4000, t0);
+        assert_eq!(b.available(t0), 4000);
+        b.consume(4000, t0);
+        assert_eq!(b.available(t0), 0);
+        assert_eq!(b.ready_at(500), t0 + Duration::from_millis(500));
+        assert_eq!(b.available(t0 + Duration::from_millis(500)), 500);
+        assert_eq!(b.available(t0 + Duration::from_secs(60)), 4000);
+    }
+
+    #[test]
+    fn ip_limiter_caps_and_releases() {
+        let l = IpLimiter::new(2);
+        let ip: IpAddr = "127.0.0.2".parse().unwrap();
+        let a = l.try_acquire(ip).unwrap();
+        let _b = l.try_acquire(ip).unwrap();
+        assert!(l.try_acquire(ip).is_none());
+        assert!(l.try_acquire("127.0.0.3".parse().unwrap()).is_some());
+        drop(a);
+        assert!(l.try_acquire(ip).is_some());
+    }
+}

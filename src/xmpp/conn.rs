@@ -1,0 +1,300 @@
+//! The thin Tokio task behind each client connection: socket ↔ framer ↔ [`C2s`] ↔ router.
+//!
+//! All protocol decisions are the state machine's; this file only moves bytes, runs the TLS handshake,
+//! sleeps until the machine's next deadline, and applies the inbound byte-rate limit.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use super::c2s::{Action, C2s, C2sContext};
+use super::framer::{Framer, FramerLimits};
+use super::router::SessionHandle;
+use crate::limits::TokenBucket;
+
+/// How a listener's connections start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerKind {
+    /// RFC 6120 §5: plaintext until STARTTLS.
+    StartTls,
+    /// XEP-0368: TLS from the first byte.
+    DirectTls,
+}
+
+impl ListenerKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            ListenerKind::StartTls => "c2s.starttls_listen",
+            ListenerKind::DirectTls => "c2s.tls_listen",
+        }
+    }
+}
+
+/// Per-server settings the connection layer needs (besides the protocol context).
+pub struct ConnSettings {
+    pub ctx: Arc<C2sContext>,
+    pub tls: Arc<crate::tls::Tls>,
+    pub max_stanza_bytes: usize,
+    pub max_depth: usize,
+    pub outbound_queue: usize,
+    pub tls_handshake_timeout: Duration,
+    /// Inbound bytes/s and burst for the token bucket; `None` = unlimited.
+    pub inbound_rate: Option<(usize, usize)>,
+}
+
+impl ConnSettings {
+    fn framer(&self) -> Framer {
+        Framer::new(FramerLimits {
+            max_stanza_bytes: self.max_stanza_bytes,
+            max_depth: self.max_depth,
+        })
+    }
+}
+
+/// Bytes read from the socket at a time.
+const READ_CHUNK: usize = 4096;
+/// A peer that does not take our bytes for this long is dead (its queue is bounded meanwhile).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Serve one accepted TCP connection until it ends.
+pub async fn serve(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    kind: ListenerKind,
+    settings: Arc<ConnSettings>,
+    shutdown: CancellationToken,
+) {
+    let (tx, rx) = mpsc::channel::<Bytes>(settings.outbound_queue);
+    let handle = SessionHandle::new(tx, peer);
+    let now = Instant::now().into_std();
+    let mut conn = Conn {
+        c2s: C2s::new(
+            settings.ctx.clone(),
+            handle.clone(),
+            peer,
+            kind == ListenerKind::DirectTls,
+            now,
+        ),
+        framer: settings.framer(),
+        rx,
+        handle,
+        bucket: settings
+            .inbound_rate
+            .map(|(rate, burst)| TokenBucket::new(rate, burst, now)),
+        shutdown,
+        peer,
+        reparse: false,
+    };
+    let result = match kind {
+        ListenerKind::DirectTls => match handshake(&settings, tcp, true).await {
+            Some(tls) => conn.run(tls).await.map(|_| ()),
+            None => Ok(()),
+        },
+        ListenerKind::StartTls => match conn.run(tcp).await {
+            Ok(Some(tcp)) => match handshake(&settings, tcp, false).await {
+                Some(tls) => {
+                    conn.c2s.on_tls_established();
+                    // RFC 6120 §5.4.3.3: nothing sent before the handshake survives it.
+                    conn.framer = settings.framer();
+                    conn.run(tls).await.map(|_| ())
+                }
+                None => Ok(()),
+            },
+            Ok(None) => Ok(()),
+            Err(e) => Err(e),
+        },
+    };
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "connection ended with an I/O error");
+    }
+    conn.c2s.on_disconnected();
+}
+
+async fn handshake(
+    settings: &ConnSettings,
+    tcp: TcpStream,
+    direct: bool,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    let config = if direct {
+        settings.tls.direct_config()
+    } else {
+        settings.tls.starttls_config()
+    };
+    let peer = tcp.peer_addr().ok();
+    match tokio::time::timeout(
+        settings.tls_handshake_timeout,
+        TlsAcceptor::from(config).accept(tcp),
+    )
+    .await
+    {
+        Ok(Ok(tls)) => Some(tls),
+        Ok(Err(e)) => {
+            metrics::counter!("tern_tls_handshake_failures_total").increment(1);
+            tracing::debug!(?peer, error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            metrics::counter!("tern_limit_hits_total", "limit" => "tls_handshake_timeout")
+                .increment(1);
+            tracing::info!(
+                ?peer,
+                "closing: TLS handshake not finished within limits.tls_handshake_timeout_secs"
+            );
+            None
+        }
+    }
+}
+
+struct Conn {
+    c2s: C2s,
+    framer: Framer,
+    rx: mpsc::Receiver<Bytes>,
+    handle: Arc<SessionHandle>,
+    bucket: Option<TokenBucket>,
+    shutdown: CancellationToken,
+    peer: SocketAddr,
+    /// Parsing stopped early for a restart; buffered bytes remain to be parsed.
+    reparse: bool,
+}
+
+impl Conn {
+    /// Hand buffered events to the state machine until it needs I/O first (STARTTLS, stream restart,
+    /// close) or the framer needs more bytes.
+    fn pump(&mut self, now: std::time::Instant) {
+        while !self.c2s.is_closed() {
+            match self.framer.next() {
+                Ok(Some(ev)) => self.c2s.on_event(ev, now),
+                Ok(None) => return,
+                Err(e) => return self.c2s.on_frame_error(&e),
+            }
+            if self.c2s.wants_io_first() {
+                self.reparse = true;
+                return;
+            }
+        }
+    }
+
+    /// Run the connection over `io` until it closes (`Ok(None)`) or STARTTLS hands the socket back.
+    async fn run<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        mut io: S,
+    ) -> std::io::Result<Option<S>> {
+        let mut buf = [0u8; READ_CHUNK];
+        loop {
+            // Carry out what the state machine asked for.
+            let mut wrote = false;
+            while let Some(action) = self.c2s.poll_action() {
+                match action {
+                    Action::Write(b) => {
+                        write(&mut io, &b).await?;
+                        wrote = true;
+                    }
+                    Action::Pause(d) => {
+                        flush(&mut io).await?;
+                        tokio::time::sleep(d).await;
+                    }
+                    Action::StartTls => {
+                        flush(&mut io).await?;
+                        return Ok(Some(io));
+                    }
+                    Action::RestartStream => self.framer.reset(),
+                    Action::Close => {
+                        flush(&mut io).await?;
+                        let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
+                        return Ok(None);
+                    }
+                }
+            }
+            if wrote {
+                flush(&mut io).await?;
+            }
+            // Bytes that arrived behind a stream restart are parsed only now, after the restart.
+            if self.reparse {
+                self.reparse = false;
+                self.pump(Instant::now().into_std());
+                continue;
+            }
+            let deadline = self.c2s.next_timeout().map(Instant::from_std);
+            let read_limit = match &mut self.bucket {
+                Some(b) => b.available(Instant::now().into_std()).min(READ_CHUNK),
+                None => READ_CHUNK,
+            };
+            let refill_at = self
+                .bucket
+                .as_ref()
+                .filter(|_| read_limit == 0)
+                .map(|b| Instant::from_std(b.ready_at(READ_CHUNK.min(b.burst()))));
+            tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => self.c2s.on_shutdown(),
+                why = self.handle.kicked() => self.c2s.on_kick(why),
+                Some(first) = self.rx.recv() => {
+                    write(&mut io, &first).await?;
+                    let mut n = 1u64;
+                    // Drain what else is queued, then flush once.
+                    while n < 64 {
+                        match self.rx.try_recv() {
+                            Ok(b) => { write(&mut io, &b).await?; n += 1; }
+                            Err(_) => break,
+                        }
+                    }
+                    metrics::counter!("tern_stanzas_out_total").increment(n);
+                    flush(&mut io).await?;
+                }
+                r = io.read(&mut buf[..read_limit.max(1)]), if read_limit > 0 => {
+                    let n = r?;
+                    if n == 0 {
+                        return Ok(None);
+                    }
+                    let now = Instant::now().into_std();
+                    if let Some(b) = &mut self.bucket {
+                        b.consume(n, now);
+                    }
+                    self.c2s.on_bytes(n, now);
+                    self.framer.push(&buf[..n]);
+                    self.pump(now);
+                }
+                _ = sleep_until_opt(refill_at) => {
+                    metrics::counter!("tern_limit_hits_total", "limit" => "inbound_bytes_per_sec").increment(1);
+                    tracing::debug!(peer = %self.peer, "inbound rate limit: paused reading (limits.inbound_bytes_per_sec)");
+                }
+                _ = sleep_until_opt(deadline) => self.c2s.on_timeout(Instant::now().into_std()),
+            }
+        }
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn write<S: AsyncWrite + Unpin>(io: &mut S, b: &[u8]) -> std::io::Result<()> {
+    match tokio::time::timeout(WRITE_TIMEOUT, io.write_all(b)).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "peer does not read",
+        )),
+    }
+}
+
+async fn flush<S: AsyncWrite + Unpin>(io: &mut S) -> std::io::Result<()> {
+    match tokio::time::timeout(WRITE_TIMEOUT, io.flush()).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "peer does not read",
+        )),
+    }
+}

@@ -1,0 +1,460 @@
+//! The session registry and the local delivery rules of RFC 6121 §8.5.
+//!
+//! A `DashMap` from bare JID to the account's connected resources, behind a small synchronous API:
+//! no method returns a guard and none awaits, so no lock is ever held across an `.await`. Delivery is a
+//! `try_send` into the session's bounded outbound queue: a slow client gets `resource-constraint` errors
+//! for further stanzas instead of growing memory or stalling the sender.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use jid::{BareJid, FullJid, Jid};
+use tokio::sync::{Notify, mpsc};
+
+/// Why a session was told to end by someone else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kick {
+    /// A new login bound the same full JID (RFC 6120 §7.7.2.2: the old session gets `<conflict/>`).
+    Conflict = 1,
+    /// An operator asked for the session to end.
+    Disconnect = 2,
+}
+
+/// The parts of a session other tasks may touch: its identity, queue and kick signal.
+#[derive(Debug)]
+pub struct SessionHandle {
+    pub id: u64,
+    pub tx: mpsc::Sender<Bytes>,
+    pub remote_addr: SocketAddr,
+    pub connected_since: SystemTime,
+    kick: AtomicU8,
+    kicked: Notify,
+}
+
+impl SessionHandle {
+    pub fn new(tx: mpsc::Sender<Bytes>, remote_addr: SocketAddr) -> Arc<Self> {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        Arc::new(Self {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            tx,
+            remote_addr,
+            connected_since: SystemTime::now(),
+            kick: AtomicU8::new(0),
+            kicked: Notify::new(),
+        })
+    }
+
+    /// Ask the session's task to end with `why`; works even when its queue is full.
+    pub fn kick(&self, why: Kick) {
+        self.kick.store(why as u8, Ordering::Release);
+        self.kicked.notify_one();
+    }
+
+    /// Resolves once [`SessionHandle::kick`] was called; returns the reason.
+    pub async fn kicked(&self) -> Kick {
+        loop {
+            if let Some(k) = self.kick_reason() {
+                return k;
+            }
+            self.kicked.notified().await;
+        }
+    }
+
+    pub fn kick_reason(&self) -> Option<Kick> {
+        match self.kick.load(Ordering::Acquire) {
+            1 => Some(Kick::Conflict),
+            2 => Some(Kick::Disconnect),
+            _ => None,
+        }
+    }
+}
+
+/// One bound resource of an account.
+#[derive(Debug, Clone)]
+struct Resource {
+    name: String,
+    handle: Arc<SessionHandle>,
+    /// Last available presence (already stamped), and its priority; `None` until initial presence
+    /// (RFC 6121 §4.2): such a resource is "connected" but not "available" for bare-JID delivery.
+    presence: Option<(i8, Bytes)>,
+}
+
+/// Result of a delivery attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Written into this many sessions' queues.
+    Delivered(usize),
+    /// Dropped on purpose, as the RFC says for this case (e.g. presence to an unavailable resource).
+    Ignored,
+    /// Nobody to deliver to: the sender gets `service-unavailable` (RFC 6121 §8.5.2.2, §8.5.3.2).
+    Unavailable,
+    /// The recipient's queue is full: the sender gets `resource-constraint` (RFC 6120 §8.3.3.18).
+    QueueFull,
+}
+
+/// The stanza kinds of RFC 6120 §8.2, with the message type where it matters for routing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Message(MessageType),
+    Presence,
+    Iq,
+}
+
+/// RFC 6121 §5.2.2 message types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageType {
+    Normal,
+    Chat,
+    Groupchat,
+    Headline,
+    Error,
+}
+
+impl MessageType {
+    /// Unknown values are treated as `normal` (RFC 6121 §5.2.2).
+    pub fn parse(s: Option<&str>) -> Self {
+        match s {
+            Some("chat") => Self::Chat,
+            Some("groupchat") => Self::Groupchat,
+            Some("headline") => Self::Headline,
+            Some("error") => Self::Error,
+            _ => Self::Normal,
+        }
+    }
+}
+
+/// The registry of connected sessions for one domain.
+#[derive(Debug, Default)]
+pub struct Router {
+    accounts: DashMap<BareJid, Vec<Resource>>,
+}
+
+impl Router {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of bound sessions (all resources of all accounts).
+    pub fn session_count(&self) -> usize {
+        self.accounts.iter().map(|e| e.value().len()).sum()
+    }
+
+    /// Register `full`; returns the session it replaced, which the caller kicks with `conflict`.
+    pub fn bind(&self, full: &FullJid, handle: Arc<SessionHandle>) -> Option<Arc<SessionHandle>> {
+        let mut entry = self.accounts.entry(full.to_bare()).or_default();
+        let name = full.resource().as_str();
+        let new = Resource {
+            name: name.to_string(),
+            handle,
+            presence: None,
+        };
+        match entry.iter_mut().find(|r| r.name == name) {
+            Some(old) => Some(std::mem::replace(old, new).handle),
+            None => {
+                entry.push(new);
+                None
+            }
+        }
+    }
+
+    /// Remove `full` if it is still the session `session_id` (a replacement must not be removed by the
+    /// replaced session's cleanup).
+    pub fn unbind(&self, full: &FullJid, session_id: u64) {
+        let bare = full.to_bare();
+        self.accounts.remove_if_mut(&bare, |_, resources| {
+            resources
+                .retain(|r| !(r.name == full.resource().as_str() && r.handle.id == session_id));
+            resources.is_empty()
+        });
+    }
+
+    /// Record the resource's current presence; `None` makes it unavailable (but still connected).
+    pub fn set_presence(&self, full: &FullJid, presence: Option<(i8, Bytes)>) {
+        if let Some(mut resources) = self.accounts.get_mut(&full.to_bare())
+            && let Some(r) = resources
+                .iter_mut()
+                .find(|r| r.name == full.resource().as_str())
+        {
+            r.presence = presence;
+        }
+    }
+
+    /// Available presences of the account's resources, as (resource, stanza).
+    pub fn presences(&self, bare: &BareJid) -> Vec<(String, Bytes)> {
+        self.accounts
+            .get(bare)
+            .map(|rs| {
+                rs.iter()
+                    .filter_map(|r| {
+                        r.presence
+                            .as_ref()
+                            .map(|(_, p)| (r.name.clone(), p.clone()))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Connected resources of an account with their session handles.
+    pub fn sessions(&self, bare: &BareJid) -> Vec<(String, Arc<SessionHandle>)> {
+        self.accounts
+            .get(bare)
+            .map(|rs| {
+                rs.iter()
+                    .map(|r| (r.name.clone(), r.handle.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Kick every session (shutdown, operator disconnect of a whole account …).
+    pub fn kick_all(&self, why: Kick) {
+        for e in self.accounts.iter() {
+            for r in e.value() {
+                r.handle.kick(why);
+            }
+        }
+    }
+
+    /// Deliver a stanza addressed to a user of this domain, per RFC 6121 §8.5.
+    pub fn route(&self, to: &Jid, kind: Kind, stanza: Bytes) -> Delivery {
+        // Collect the target queues under the shard lock, send after releasing it.
+        let targets: Vec<mpsc::Sender<Bytes>>;
+        match to.try_as_full() {
+            Ok(full) => {
+                let found = self.accounts.get(&full.to_bare()).and_then(|rs| {
+                    rs.iter()
+                        .find(|r| r.name == full.resource().as_str())
+                        .map(|r| r.handle.tx.clone())
+                });
+                match (found, kind) {
+                    (Some(tx), _) => targets = vec![tx],
+                    // §8.5.3.2.1: normal/chat to an unavailable resource is handled as if to the bare JID.
+                    (None, Kind::Message(MessageType::Normal | MessageType::Chat)) => {
+                        return self.route(&Jid::from(full.to_bare()), kind, stanza);
+                    }
+                    (None, Kind::Message(MessageType::Groupchat) | Kind::Iq) => {
+                        return Delivery::Unavailable;
+                    }
+                    // §8.5.3.2.1 headline/error, §8.5.3.2.2 presence: silently ignored.
+                    (None, _) => return Delivery::Ignored,
+                }
+            }
+            Err(bare) => {
+                let Some(rs) = self.accounts.get(bare) else {
+                    return Self::nobody(kind);
+                };
+                targets = match kind {
+                    // §8.5.2.1.1: chat/normal to the highest non-negative priority resource(s).
+                    Kind::Message(MessageType::Normal | MessageType::Chat) => {
+                        let best = rs
+                            .iter()
+                            .filter_map(|r| r.presence.as_ref().map(|(p, _)| *p))
+                            .filter(|p| *p >= 0)
+                            .max();
+                        match best {
+                            Some(best) => rs
+                                .iter()
+                                .filter(|r| matches!(r.presence, Some((p, _)) if p == best))
+                                .map(|r| r.handle.tx.clone())
+                                .collect(),
+                            None => Vec::new(),
+                        }
+                    }
+                    // Headline: every available resource with non-negative priority.
+                    Kind::Message(MessageType::Headline) => rs
+                        .iter()
+                        .filter(|r| matches!(r.presence, Some((p, _)) if p >= 0))
+                        .map(|r| r.handle.tx.clone())
+                        .collect(),
+                    // §8.5.2.1.1: groupchat to a bare JID is an error; errors are dropped.
+                    Kind::Message(MessageType::Groupchat) => return Delivery::Unavailable,
+                    Kind::Message(MessageType::Error) => return Delivery::Ignored,
+                    // §8.5.2.1.2: presence to every available resource.
+                    Kind::Presence => rs
+                        .iter()
+                        .filter(|r| r.presence.is_some())
+                        .map(|r| r.handle.tx.clone())
+                        .collect(),
+                    // §8.5.2.1.3: an iq to the bare JID is the server's to answer, never routed here.
+                    Kind::Iq => return Delivery::Unavailable,
+                };
+            }
+        }
+        if targets.is_empty() {
+            return Self::nobody(kind);
+        }
+        let mut delivered = 0;
+        let mut full = false;
+        for tx in targets {
+            match tx.try_send(stanza.clone()) {
+                Ok(()) => delivered += 1,
+                Err(mpsc::error::TrySendError::Full(_)) => full = true,
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            }
+        }
+        metrics::counter!("tern_stanzas_routed_total").increment(delivered as u64);
+        match (delivered, full) {
+            (0, true) => {
+                metrics::counter!("tern_outbound_queue_full_total").increment(1);
+                Delivery::QueueFull
+            }
+            (0, false) => Self::nobody(kind),
+            (n, _) => Delivery::Delivered(n),
+        }
+    }
+
+    /// §8.5.2.2: no available resource. Without offline storage, messages and iqs bounce.
+    fn nobody(kind: Kind) -> Delivery {
+        match kind {
+            Kind::Message(MessageType::Normal | MessageType::Chat | MessageType::Groupchat)
+            | Kind::Iq => Delivery::Unavailable,
+            _ => Delivery::Ignored,
+        }
+    }
+
+    /// Send to every available resource of `bare` (presence broadcast, RFC 6121 §4.2.2, §4.5.2).
+    pub fn broadcast_presence(&self, bare: &BareJid, stanza: Bytes) -> usize {
+        match self.route(&Jid::from(bare.clone()), Kind::Presence, stanza) {
+            Delivery::Delivered(n) => n,
+            _ => 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(cap: usize) -> (Arc<SessionHandle>, mpsc::Receiver<Bytes>) {
+        let (tx, rx) = mpsc::channel(cap);
+        (SessionHandle::new(tx, "127.0.0.1:1".parse().unwrap()), rx)
+    }
+
+    fn full(s: &str) -> FullJid {
+        FullJid::new(s).unwrap()
+    }
+
+    fn jid(s: &str) -> Jid {
+        Jid::new(s).unwrap()
+    }
+
+    const CHAT: Kind = Kind::Message(MessageType::Chat);
+
+    #[test]
+    fn full_jid_delivery_and_fallback_to_bare() {
+        let r = Router::new();
+        let (h, mut rx) = session(4);
+        assert!(r.bind(&full("a@d/x"), h).is_none());
+        assert_eq!(
+            r.route(&jid("a@d/x"), CHAT, Bytes::from_static(b"1")),
+            Delivery::Delivered(1)
+        );
+        assert_eq!(rx.try_recv().unwrap(), Bytes::from_static(b"1"));
+        // Unknown resource, no available presence: chat falls back to bare → unavailable.
+        assert_eq!(
+            r.route(&jid("a@d/y"), CHAT, Bytes::new()),
+            Delivery::Unavailable
+        );
+        assert_eq!(
+            r.route(&jid("a@d/y"), Kind::Iq, Bytes::new()),
+            Delivery::Unavailable
+        );
+        assert_eq!(
+            r.route(&jid("a@d/y"), Kind::Presence, Bytes::new()),
+            Delivery::Ignored
+        );
+        r.set_presence(&full("a@d/x"), Some((0, Bytes::new())));
+        assert_eq!(
+            r.route(&jid("a@d/y"), CHAT, Bytes::from_static(b"2")),
+            Delivery::Delivered(1)
+        );
+        assert_eq!(rx.try_recv().unwrap(), Bytes::from_static(b"2"));
+    }
+
+    #[test]
+    fn bare_jid_priority_rules() {
+        let r = Router::new();
+        let (h1, mut rx1) = session(4);
+        let (h2, mut rx2) = session(4);
+        let (h3, mut rx3) = session(4);
+        r.bind(&full("a@d/1"), h1);
+        r.bind(&full("a@d/2"), h2);
+        r.bind(&full("a@d/3"), h3);
+        r.set_presence(&full("a@d/1"), Some((5, Bytes::new())));
+        r.set_presence(&full("a@d/2"), Some((5, Bytes::new())));
+        r.set_presence(&full("a@d/3"), Some((-1, Bytes::new())));
+        assert_eq!(
+            r.route(&jid("a@d"), CHAT, Bytes::from_static(b"m")),
+            Delivery::Delivered(2)
+        );
+        assert!(rx1.try_recv().is_ok() && rx2.try_recv().is_ok() && rx3.try_recv().is_err());
+        let hl = Kind::Message(MessageType::Headline);
+        assert_eq!(
+            r.route(&jid("a@d"), hl, Bytes::new()),
+            Delivery::Delivered(2)
+        );
+        assert_eq!(
+            r.route(&jid("a@d"), Kind::Presence, Bytes::new()),
+            Delivery::Delivered(3)
+        );
+        let gc = Kind::Message(MessageType::Groupchat);
+        assert_eq!(
+            r.route(&jid("a@d"), gc, Bytes::new()),
+            Delivery::Unavailable
+        );
+        // Only negative priorities: chat is not delivered.
+        r.set_presence(&full("a@d/1"), None);
+        r.set_presence(&full("a@d/2"), None);
+        assert_eq!(
+            r.route(&jid("a@d"), CHAT, Bytes::new()),
+            Delivery::Unavailable
+        );
+    }
+
+    #[test]
+    fn replace_and_unbind_keep_the_newer_session() {
+        let r = Router::new();
+        let (h1, _rx1) = session(1);
+        let (h2, mut rx2) = session(1);
+        let id1 = h1.id;
+        r.bind(&full("a@d/x"), h1);
+        let old = r.bind(&full("a@d/x"), h2).expect("replaced");
+        assert_eq!(old.id, id1);
+        r.unbind(&full("a@d/x"), id1); // the old session's cleanup must not remove the new one
+        assert_eq!(r.session_count(), 1);
+        assert_eq!(
+            r.route(&jid("a@d/x"), Kind::Iq, Bytes::new()),
+            Delivery::Delivered(1)
+        );
+        assert!(rx2.try_recv().is_ok());
+    }
+
+    #[test]
+    fn full_queue_is_reported_not_grown() {
+        let r = Router::new();
+        let (h, _rx) = session(1);
+        r.bind(&full("a@d/x"), h);
+        assert_eq!(
+            r.route(&jid("a@d/x"), Kind::Iq, Bytes::new()),
+            Delivery::Delivered(1)
+        );
+        assert_eq!(
+            r.route(&jid("a@d/x"), Kind::Iq, Bytes::new()),
+            Delivery::QueueFull
+        );
+    }
+
+    #[tokio::test]
+    async fn kick_wakes_even_with_full_queue() {
+        let (h, _rx) = session(1);
+        h.tx.try_send(Bytes::new()).unwrap();
+        h.kick(Kick::Conflict);
+        assert_eq!(h.kicked().await, Kick::Conflict);
+    }
+}
