@@ -193,22 +193,18 @@ fn assemble(
 
     // Follow issuer → subject links; stop at a self-issued (root) certificate, which is not sent.
     let mut chain = vec![leaf_der];
-    let mut current_issuer = leaf.issuer.clone();
-    let mut current_self_issued = leaf.is_self_issued();
-    while !current_self_issued {
-        let next = parsed.iter().position(|c| {
-            c.as_ref()
-                .is_some_and(|(_, info)| info.subject == current_issuer)
-        });
-        let Some(idx) = next else { break };
-        let Some((der, info)) = parsed[idx].take() else {
+    let mut current_issuer = (!leaf.is_self_issued()).then(|| leaf.issuer.clone());
+    while let Some(issuer) = current_issuer.take() {
+        let next = parsed
+            .iter()
+            .position(|c| c.as_ref().is_some_and(|(_, info)| info.subject == issuer));
+        let Some((der, info)) = next.and_then(|idx| parsed[idx].take()) else {
             break;
         };
         if info.is_self_issued() {
             break; // the root: clients have it already
         }
-        current_issuer = info.issuer.clone();
-        current_self_issued = false;
+        current_issuer = Some(info.issuer);
         chain.push(der);
     }
     let unused = parsed.iter().filter(|c| c.is_some()).count();
@@ -367,6 +363,30 @@ mod tests {
                 .expect("openssl key");
             assert_eq!(chain_ders(&b)[0], leaf.cert_der);
         }
+        // A really encrypted PKCS#8 key.
+        let leaf = pki.leaf(&["enc.example.com"], KeyAlg::EcdsaP256);
+        let p8 = write(&dir, "plain.key", &[&leaf.key_pem]);
+        let enc = dir.path().join("enc.key");
+        let status = std::process::Command::new("openssl")
+            .args([
+                "pkcs8",
+                "-topk8",
+                "-v2",
+                "aes-256-cbc",
+                "-passout",
+                "pass:secret",
+                "-in",
+            ])
+            .arg(&p8)
+            .arg("-out")
+            .arg(&enc)
+            .status()
+            .expect("openssl");
+        assert!(status.success());
+        let enc_pem = std::fs::read_to_string(&enc).expect("read");
+        let err = load_bundle_file(&write(&dir, "enc.pem", &[&leaf.cert_pem, &enc_pem]))
+            .expect_err("encrypted");
+        assert!(matches!(err, TlsError::EncryptedKey { .. }), "{err}");
     }
 
     #[test]

@@ -257,6 +257,12 @@ impl C2s {
 
     /// The connection is gone (closed by either side): leave the registry, announce unavailability.
     pub fn on_disconnected(&mut self) {
+        self.leave();
+        self.phase = Phase::Closed;
+    }
+
+    /// Unbind and broadcast `unavailable` (RFC 6121 §4.6): once, whichever way the session ends.
+    fn leave(&mut self) {
         if let Some(jid) = self.jid.take() {
             if self.available {
                 let unavailable = Bytes::from(format!(
@@ -268,7 +274,6 @@ impl C2s {
             self.ctx.router.unbind(&jid, self.handle.id);
             metrics::gauge!("tern_sessions").decrement(1.0);
         }
-        self.phase = Phase::Closed;
     }
 
     /// Feed one framer event.
@@ -682,7 +687,9 @@ impl C2s {
         self.actions.push_back(Action::Write(b));
     }
 
+    /// Leave the registry at once (nothing more is routed to a closing stream), then close.
     fn close(&mut self) {
+        self.leave();
         self.phase = Phase::Closed;
         self.actions.push_back(Action::Close);
     }
@@ -738,4 +745,508 @@ pub fn iq_error(id: &str, to: Option<&str>, etype: &str, cond: &str) -> String {
         "<iq type='error' id='{}'{to}><error type='{etype}'><{cond} xmlns='{NS_STANZAS}'/></error></iq>",
         escape(id)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    //! Drives framer + state machine with strings and a hand-moved clock: no sockets, no sleeping.
+    use super::*;
+    use crate::config::AuthConfig;
+    use crate::store::accounts::AccountStore;
+    use crate::xmpp::framer::{Framer, FramerLimits};
+    use tokio::sync::mpsc;
+
+    const SECRET: &str = "0123456789abcdef0123";
+    const HDR: &str = "<?xml version='1.0'?><stream:stream to='localhost' xmlns='jabber:client' \
+                       xmlns:stream='http://etherx.jabber.org/streams' version='1.0'>";
+
+    struct World {
+        ctx: Arc<C2sContext>,
+        _dir: tempfile::TempDir,
+        t0: Instant,
+    }
+
+    fn world() -> World {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(AccountStore::open(dir.path()).unwrap());
+        store.add("alice@localhost", "pencil", 4096).unwrap();
+        let cfg = AuthConfig {
+            device_secret: Some(SECRET.into()),
+            ..AuthConfig::default()
+        };
+        let ctx = Arc::new(C2sContext {
+            domain: "localhost".into(),
+            router: Arc::new(Router::new()),
+            auth: Arc::new(Authenticator::new("localhost", &cfg, store)),
+            throttle: Arc::new(AuthThrottle::new(&cfg)),
+            preauth_timeout: Duration::from_secs(30),
+            preauth_max_bytes: 65536,
+            ping_interval: Some(Duration::from_secs(300)),
+            ping_timeout: Duration::from_secs(60),
+        });
+        World {
+            ctx,
+            _dir: dir,
+            t0: Instant::now(),
+        }
+    }
+
+    struct Client {
+        c2s: C2s,
+        framer: Framer,
+        rx: mpsc::Receiver<Bytes>,
+        handle: Arc<SessionHandle>,
+        /// Non-write actions seen, in order.
+        actions: Vec<Action>,
+    }
+
+    impl Client {
+        fn new(w: &World, secure: bool) -> Client {
+            let (tx, rx) = mpsc::channel(16);
+            let peer: SocketAddr = "127.0.0.1:4000".parse().unwrap();
+            let handle = SessionHandle::new(tx, peer);
+            Client {
+                c2s: C2s::new(w.ctx.clone(), handle.clone(), peer, secure, w.t0),
+                framer: Framer::new(FramerLimits {
+                    max_stanza_bytes: 262144,
+                    max_depth: 32,
+                }),
+                rx,
+                handle,
+                actions: Vec::new(),
+            }
+        }
+
+        /// Feed client bytes; return what the server writes in response (routed stanzas excluded).
+        fn send(&mut self, s: &str, now: Instant) -> String {
+            self.c2s.on_bytes(s.len(), now);
+            self.framer.push(s.as_bytes());
+            let mut out = String::new();
+            loop {
+                let mut progressed = false;
+                while !self.c2s.is_closed() {
+                    match self.framer.next() {
+                        Ok(Some(ev)) => {
+                            self.c2s.on_event(ev, now);
+                            progressed = true;
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            self.c2s.on_frame_error(&e);
+                            break;
+                        }
+                    }
+                    if self.c2s.wants_io_first() {
+                        break;
+                    }
+                }
+                out.push_str(&self.drain());
+                if !progressed || self.c2s.is_closed() {
+                    return out;
+                }
+            }
+        }
+
+        fn drain(&mut self) -> String {
+            let mut out = String::new();
+            while let Some(a) = self.c2s.poll_action() {
+                match a {
+                    Action::Write(b) => out.push_str(std::str::from_utf8(&b).unwrap()),
+                    Action::RestartStream => {
+                        self.framer.reset();
+                        self.actions.push(Action::RestartStream);
+                    }
+                    other => self.actions.push(other),
+                }
+            }
+            out
+        }
+
+        fn routed(&mut self) -> Vec<String> {
+            let mut v = Vec::new();
+            while let Ok(b) = self.rx.try_recv() {
+                v.push(String::from_utf8(b.to_vec()).unwrap());
+            }
+            v
+        }
+
+        /// PLAIN login + bind on a secure stream.
+        fn login(w: &World, user: &str, pw: &str, resource: &str) -> Client {
+            let mut c = Client::new(w, true);
+            let features = c.send(HDR, w.t0);
+            assert!(
+                features.contains("<mechanism>PLAIN</mechanism>"),
+                "{features}"
+            );
+            let auth = B64.encode(format!("\0{user}\0{pw}"));
+            let r = c.send(
+                &format!("<auth xmlns='{NS_SASL}' mechanism='PLAIN'>{auth}</auth>"),
+                w.t0,
+            );
+            assert!(r.contains("<success"), "{r}");
+            let r = c.send(HDR, w.t0);
+            assert!(
+                r.contains("<bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/>"),
+                "{r}"
+            );
+            let r = c.send(
+                &format!("<iq type='set' id='b'><bind xmlns='{NS_BIND}'><resource>{resource}</resource></bind></iq>"),
+                w.t0,
+            );
+            assert!(
+                r.contains(&format!("<jid>{user}@localhost/{resource}</jid>")),
+                "{r}"
+            );
+            c
+        }
+    }
+
+    #[test]
+    fn starttls_port_offers_only_starttls_and_refuses_early_sasl() {
+        let w = world();
+        let mut c = Client::new(&w, false);
+        let r = c.send(HDR, w.t0);
+        assert!(
+            r.contains("<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'><required/></starttls>"),
+            "{r}"
+        );
+        assert!(!r.contains("mechanism"), "no SASL before TLS: {r}");
+        let r = c.send(
+            &format!("<auth xmlns='{NS_SASL}' mechanism='PLAIN'>AGFsaWNlAHBlbmNpbA==</auth>"),
+            w.t0,
+        );
+        assert!(r.contains("<encryption-required/>"), "{r}");
+        let r = c.send(&format!("<starttls xmlns='{NS_TLS}'/>"), w.t0);
+        assert!(r.contains("<proceed"), "{r}");
+        assert_eq!(c.actions, vec![Action::StartTls]);
+        c.c2s.on_tls_established();
+        c.framer = Framer::new(FramerLimits {
+            max_stanza_bytes: 262144,
+            max_depth: 32,
+        });
+        let r = c.send(HDR, w.t0);
+        assert!(r.contains("<mechanism>SCRAM-SHA-256</mechanism>"), "{r}");
+    }
+
+    #[test]
+    fn stanza_before_tls_is_policy_violation() {
+        let w = world();
+        let mut c = Client::new(&w, false);
+        c.send(HDR, w.t0);
+        let r = c.send("<message to='a@localhost'><body>x</body></message>", w.t0);
+        assert!(r.contains("<policy-violation"), "{r}");
+        assert!(c.c2s.is_closed());
+    }
+
+    #[test]
+    fn header_checks() {
+        let w = world();
+        let mut c = Client::new(&w, true);
+        let r = c.send(&HDR.replace("to='localhost'", "to='other.example'"), w.t0);
+        assert!(r.starts_with("<?xml") && r.contains("<host-unknown"), "{r}");
+        let mut c = Client::new(&w, true);
+        let r = c.send(&HDR.replace("jabber:client", "jabber:server"), w.t0);
+        assert!(r.contains("<invalid-namespace"), "{r}");
+        let mut c = Client::new(&w, true);
+        let r = c.send(&HDR.replace("version='1.0'", "version='2.0'"), w.t0);
+        assert!(r.contains("<unsupported-version"), "{r}");
+    }
+
+    #[test]
+    fn plain_login_bind_ping_disco_and_close() {
+        let w = world();
+        let mut c = Client::login(&w, "alice", "pencil", "desk");
+        let r = c.send(
+            "<iq type='get' id='p'><ping xmlns='urn:xmpp:ping'/></iq>",
+            w.t0,
+        );
+        assert!(r.contains("id='p'") && r.contains("type='result'"), "{r}");
+        let r = c.send("<iq type='get' id='d' to='localhost'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>", w.t0);
+        assert!(
+            r.contains("urn:xmpp:ping") && r.contains("category='server'"),
+            "{r}"
+        );
+        let r = c.send(
+            "<iq type='get' id='r'><query xmlns='jabber:iq:roster'/></iq>",
+            w.t0,
+        );
+        assert!(
+            r.contains("type='result'") && r.contains("jabber:iq:roster"),
+            "{r}"
+        );
+        let r = c.send(
+            "<iq type='set' id='s'><session xmlns='urn:ietf:params:xml:ns:xmpp-session'/></iq>",
+            w.t0,
+        );
+        assert!(r.contains("type='result'"), "{r}");
+        let r = c.send(
+            "<iq type='get' id='u'><query xmlns='urn:example:unknown'/></iq>",
+            w.t0,
+        );
+        assert!(r.contains("<service-unavailable"), "{r}");
+        let r = c.send("</stream:stream>", w.t0);
+        assert_eq!(r, "</stream:stream>");
+        assert!(c.c2s.is_closed());
+        assert_eq!(w.ctx.router.session_count(), 0);
+    }
+
+    #[test]
+    fn scram_sha256_login() {
+        let w = world();
+        let mut c = Client::new(&w, true);
+        c.send(HDR, w.t0);
+        let cnonce = "rOprNGfwEbeRWgbNEkqO";
+        let first_bare = format!("n=alice,r={cnonce}");
+        let r = c.send(
+            &format!(
+                "<auth xmlns='{NS_SASL}' mechanism='SCRAM-SHA-256'>{}</auth>",
+                B64.encode(format!("n,,{first_bare}"))
+            ),
+            w.t0,
+        );
+        let chal = r
+            .split("<challenge xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>")
+            .nth(1)
+            .unwrap();
+        let server_first =
+            String::from_utf8(B64.decode(chal.split('<').next().unwrap()).unwrap()).unwrap();
+        let mut nonce = "";
+        let mut salt = Vec::new();
+        let mut iters = 0;
+        for part in server_first.split(',') {
+            match part.split_at(2) {
+                ("r=", v) => nonce = v,
+                ("s=", v) => salt = B64.decode(v).unwrap(),
+                ("i=", v) => iters = v.parse().unwrap(),
+                _ => {}
+            }
+        }
+        assert!(nonce.starts_with(cnonce));
+        use hmac::{Hmac, Mac};
+        use sha2::{Digest, Sha256};
+        let mut salted = [0u8; 32];
+        pbkdf2::pbkdf2_hmac::<Sha256>(b"pencil", &salt, iters, &mut salted);
+        let hmac = |k: &[u8], m: &[u8]| {
+            let mut h = <Hmac<Sha256> as Mac>::new_from_slice(k).unwrap();
+            h.update(m);
+            h.finalize().into_bytes().to_vec()
+        };
+        let client_key = hmac(&salted, b"Client Key");
+        let stored = Sha256::digest(&client_key);
+        let without_proof = format!("c=biws,r={nonce}");
+        let auth_msg = format!("{first_bare},{server_first},{without_proof}");
+        let sig = hmac(&stored, auth_msg.as_bytes());
+        let proof: Vec<u8> = client_key.iter().zip(sig).map(|(a, b)| a ^ b).collect();
+        let final_msg = format!("{without_proof},p={}", B64.encode(proof));
+        let r = c.send(
+            &format!(
+                "<response xmlns='{NS_SASL}'>{}</response>",
+                B64.encode(final_msg)
+            ),
+            w.t0,
+        );
+        assert!(r.contains("<success"), "{r}");
+        assert!(c.c2s.is_authenticated());
+    }
+
+    #[test]
+    fn device_credentials_and_wrong_password() {
+        let w = world();
+        let pw = Authenticator::device_password(SECRET, "agent-42@localhost");
+        let _c = Client::login(&w, "agent-42", &pw, "agent");
+        let mut c = Client::new(&w, true);
+        c.send(HDR, w.t0);
+        for i in 0..5 {
+            let auth = B64.encode("\0agent-42\0wrong");
+            let r = c.send(
+                &format!("<auth xmlns='{NS_SASL}' mechanism='PLAIN'>{auth}</auth>"),
+                w.t0,
+            );
+            assert!(
+                r.contains(
+                    "<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><not-authorized/></failure>"
+                ),
+                "{i}: {r}"
+            );
+        }
+        // Repeated failures are slowed down, and the 5th closes the stream.
+        assert!(
+            c.actions
+                .iter()
+                .any(|a| matches!(a, Action::Pause(d) if !d.is_zero())),
+            "{:?}",
+            c.actions
+        );
+        assert!(c.c2s.is_closed());
+    }
+
+    #[test]
+    fn routing_stamps_from_and_bounces_offline_iq() {
+        let w = world();
+        let mut a = Client::login(&w, "alice", "pencil", "a");
+        let pw = Authenticator::device_password(SECRET, "bob@localhost");
+        let mut b = Client::login(&w, "bob", &pw, "b");
+        // Spoofed from is replaced; escaped text passes through untouched.
+        a.send("<message to='bob@localhost/b' from='admin@localhost/x' type='chat'><body>&lt;&amp;&gt; é 😀</body></message>", w.t0);
+        let got = b.routed();
+        assert_eq!(got.len(), 1);
+        assert!(
+            got[0].contains("from='alice@localhost/a'") && !got[0].contains("admin@"),
+            "{}",
+            got[0]
+        );
+        assert!(
+            got[0].contains("<body>&lt;&amp;&gt; é 😀</body>"),
+            "{}",
+            got[0]
+        );
+        // iq to a full JID and its reply routed back.
+        a.send(
+            "<iq type='get' id='q1' to='bob@localhost/b'><query xmlns='urn:x'/></iq>",
+            w.t0,
+        );
+        assert!(b.routed()[0].contains("id='q1'"));
+        b.send("<iq type='result' id='q1' to='alice@localhost/a'/>", w.t0);
+        let back = a.routed();
+        assert!(
+            back[0].contains("type='result'") && back[0].contains("from='bob@localhost/b'"),
+            "{back:?}"
+        );
+        // iq to an unavailable resource: service-unavailable.
+        let r = a.send(
+            "<iq type='get' id='q2' to='bob@localhost/gone'><ping xmlns='urn:xmpp:ping'/></iq>",
+            w.t0,
+        );
+        assert!(
+            r.contains("<service-unavailable") && r.contains("id='q2'"),
+            "{r}"
+        );
+        // Remote domains are unreachable without s2s.
+        let r = a.send(
+            "<message to='x@remote.example'><body>x</body></message>",
+            w.t0,
+        );
+        assert!(r.contains("<remote-server-not-found"), "{r}");
+    }
+
+    #[test]
+    fn presence_broadcast_and_bare_jid_delivery() {
+        let w = world();
+        let mut a1 = Client::login(&w, "alice", "pencil", "one");
+        let mut a2 = Client::login(&w, "alice", "pencil", "two");
+        let pw = Authenticator::device_password(SECRET, "bob@localhost");
+        let mut b = Client::login(&w, "bob", &pw, "b");
+        // Not available yet: a chat to the bare JID bounces.
+        let r = b.send(
+            "<message to='alice@localhost' type='chat'><body>x</body></message>",
+            w.t0,
+        );
+        assert!(r.contains("<service-unavailable"), "{r}");
+        a1.send("<presence><priority>5</priority></presence>", w.t0);
+        assert_eq!(a1.routed().len(), 1, "own presence comes back");
+        let r = a2.send("<presence><priority>1</priority></presence>", w.t0);
+        assert!(
+            r.contains("from='alice@localhost/one'"),
+            "new resource learns of the other: {r}"
+        );
+        assert!(a1.routed()[0].contains("from='alice@localhost/two'"));
+        a2.routed();
+        b.send(
+            "<message to='alice@localhost' type='chat'><body>hi</body></message>",
+            w.t0,
+        );
+        assert_eq!(a1.routed().len(), 1, "highest priority gets it");
+        assert!(a2.routed().is_empty());
+        // Directed presence, then unavailable goes to the directed recipient too.
+        b.send("<presence/>", w.t0);
+        b.send("<presence to='alice@localhost/one'/>", w.t0);
+        assert!(a1.routed()[0].contains("from='bob@localhost/b'"));
+        drop(b);
+        assert!(
+            a1.routed()
+                .iter()
+                .any(|p| p.contains("unavailable") && p.contains("bob@localhost/b"))
+        );
+    }
+
+    #[test]
+    fn conflict_kicks_the_old_session() {
+        let w = world();
+        let a = Client::login(&w, "alice", "pencil", "r");
+        let _a2 = Client::login(&w, "alice", "pencil", "r");
+        assert_eq!(a.handle.kick_reason(), Some(Kick::Conflict));
+        let mut a = a;
+        a.c2s.on_kick(Kick::Conflict);
+        assert!(a.drain().contains("<conflict"));
+        drop(a);
+        assert_eq!(
+            w.ctx.router.session_count(),
+            1,
+            "the replacement survives the old one's cleanup"
+        );
+    }
+
+    #[test]
+    fn timeouts_preauth_and_ping() {
+        let w = world();
+        let mut c = Client::new(&w, true);
+        c.send(HDR, w.t0);
+        let due = c.c2s.next_timeout().unwrap();
+        assert_eq!(due, w.t0 + Duration::from_secs(30));
+        c.c2s.on_timeout(due);
+        assert!(c.drain().contains("<connection-timeout"));
+
+        let mut c = Client::login(&w, "alice", "pencil", "r");
+        let due = c.c2s.next_timeout().unwrap();
+        assert_eq!(due, w.t0 + Duration::from_secs(300));
+        c.c2s.on_timeout(due);
+        assert!(c.drain().contains("<ping xmlns='urn:xmpp:ping'/>"));
+        let due2 = c.c2s.next_timeout().unwrap();
+        assert_eq!(due2, due + Duration::from_secs(60));
+        c.c2s.on_timeout(due2);
+        assert!(c.drain().contains("<connection-timeout"));
+        assert!(c.c2s.is_closed());
+    }
+
+    #[test]
+    fn framer_errors_become_stream_errors() {
+        let w = world();
+        let mut c = Client::login(&w, "alice", "pencil", "r");
+        let r = c.send("<!-- hi -->", w.t0);
+        assert!(
+            r.contains("<restricted-xml"),
+            "{r} {:?} {:?}",
+            c.framer.next().err(),
+            c.c2s.is_closed()
+        );
+        let mut c = Client::login(&w, "alice", "pencil", "r2");
+        let r = c.send("<message><body></bad></message>", w.t0);
+        assert!(r.contains("<not-well-formed"), "{r}");
+    }
+
+    #[test]
+    fn preauth_byte_budget() {
+        let w = world();
+        let mut c = Client::new(&w, true);
+        c.send(HDR, w.t0);
+        let r = c.send(&" ".repeat(70_000), w.t0);
+        assert!(r.contains("<policy-violation"), "{r}");
+    }
+
+    #[test]
+    fn pipelined_restart_after_success() {
+        let w = world();
+        let mut c = Client::new(&w, true);
+        c.send(HDR, w.t0);
+        let auth = B64.encode("\0alice\0pencil");
+        // Auth, new header and bind in one read: all must be processed in order.
+        let r = c.send(
+            &format!("<auth xmlns='{NS_SASL}' mechanism='PLAIN'>{auth}</auth>{HDR}<iq type='set' id='b'><bind xmlns='{NS_BIND}'/></iq>"),
+            w.t0,
+        );
+        assert!(
+            r.contains("<success") && r.contains("<jid>alice@localhost/tern-"),
+            "{r}"
+        );
+    }
 }

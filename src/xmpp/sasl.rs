@@ -1058,6 +1058,49 @@ mod tests {
     }
 
     #[test]
+    fn truncated_and_mutated_messages_never_panic() {
+        // One PBKDF2 round keeps the thousands of exchanges fast; the RFC proof then no longer matches.
+        let users = Users {
+            iterations: 1,
+            ..Users::rfc()
+        };
+        let first: &[u8] = b"n,a=user@example.org,n=us=2Cer,r=fyko+d2lbbFgONRv9qkxdawL";
+        let fin: &[u8] =
+            b"c=biws,r=fyko+d2lbbFgONRv9qkxdawL3rfcNHYJY1ZVvWVs7j,p=v0X8v3Bz2T0CJGbJQyF0X+HI4Ts=";
+        let plain_msg: &[u8] = b"user@example.org\0user\0pencil";
+        let mut variants: Vec<Vec<u8>> = Vec::new();
+        for msg in [first, fin, plain_msg] {
+            for i in 0..=msg.len() {
+                variants.push(msg[..i].to_vec());
+                for b in [0u8, b',', b'=', 0xff, 0xc3] {
+                    let mut m = msg.to_vec();
+                    if i < m.len() {
+                        m[i] = b;
+                        variants.push(m);
+                    }
+                }
+            }
+        }
+        for v in &variants {
+            for mech in OFFERED {
+                let (mut s, step) = SaslServer::start(*mech, Some(v), &users, [5; 18]);
+                if matches!(step, Step::Challenge(_)) {
+                    for w in variants.iter().step_by(7) {
+                        let _ = s.step(w, &users);
+                    }
+                }
+            }
+            let (mut s, _) = SaslServer::start_with_server_nonce(
+                Mechanism::ScramSha1,
+                Some(b"n,,n=user,r=fyko+d2lbbFgONRv9qkxdawL"),
+                &users,
+                "3rfcNHYJY1ZVvWVs7j".into(),
+            );
+            assert!(!matches!(s.step(v, &users), Step::Success { .. }));
+        }
+    }
+
+    #[test]
     fn scram_saslname_escapes() {
         assert_eq!(decode_saslname("a=2Cb=3Dc").as_deref(), Ok("a,b=c"));
         assert_eq!(decode_saslname("=2"), Err(SaslFailure::MalformedRequest));

@@ -922,7 +922,7 @@ fn extract_event(buf: &[u8], in_stream: bool) -> Extract {
     if buf.starts_with(b"<?") {
         return skip_construct(buf, 0, b"?>").map_or(Extract::NeedMore, Extract::Skip);
     }
-    if buf.len() < 4 {
+    if buf.len() < 2 || (buf[1] == b'!' && buf.len() < 4) {
         return Extract::NeedMore;
     }
     if buf.starts_with(b"<!--") {
@@ -948,7 +948,7 @@ fn extract_event(buf: &[u8], in_stream: bool) -> Extract {
         };
         let at = pos + rel;
         let rest = &buf[at..];
-        if rest.len() < 9 {
+        if rest.len() < 2 || (rest[1] == b'!' && rest.len() < 9) {
             return Extract::NeedMore;
         }
         if rest.starts_with(b"<?") {
@@ -1138,5 +1138,97 @@ mod tests {
         assert_eq!(inner_text(msg, "body").as_deref(), Some("a < b"));
         assert_eq!(events[4], XmlEvent::End);
         assert_eq!(unescape(&escape(TRICKY_BODY)), TRICKY_BODY);
+        // An element that ends exactly at the end of the buffer.
+        let tail = b"<iq type='result'><x/></iq>";
+        assert!(matches!(
+            extract_event(tail, true),
+            Extract::Event(XmlEvent::Element(_), n) if n == tail.len()
+        ));
+        assert!(matches!(
+            extract_event(b"<iq><x/></i", true),
+            Extract::NeedMore
+        ));
+    }
+}
+
+/// What happened while [`RawClient::flood`] pushed data at the server.
+#[derive(Debug)]
+pub struct FloodOutcome {
+    /// Bytes fully handed to the connection before it closed or a write failed.
+    pub written: usize,
+    /// Bytes the test meant to send.
+    pub total: usize,
+    /// Everything the server sent meanwhile (including data already buffered in the client).
+    pub received: String,
+    /// Whether the server closed the connection within the timeout.
+    pub closed: bool,
+    pub write_error: Option<String>,
+}
+
+impl RawClient {
+    /// Writes `count` copies of `chunk` (after `prefix`) while concurrently reading; stops writing as soon as
+    /// the server closes the connection or a write fails. Bounded by `timeout` overall.
+    pub async fn flood(
+        self,
+        prefix: &[u8],
+        chunk: &[u8],
+        count: usize,
+        timeout: Duration,
+    ) -> FloodOutcome {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let deadline = tokio::time::Instant::now() + timeout;
+        let RawClient { conn, buf, .. } = self;
+        let (mut rd, mut wr) = tokio::io::split(conn);
+        let closed = Arc::new(AtomicBool::new(false));
+        let reader = {
+            let closed = closed.clone();
+            tokio::spawn(async move {
+                let mut data = buf;
+                let mut chunk = vec![0u8; 65536];
+                loop {
+                    match tokio::time::timeout_at(deadline, rd.read(&mut chunk)).await {
+                        Err(_) => return (data, false),
+                        Ok(Ok(0)) | Ok(Err(_)) => {
+                            closed.store(true, Ordering::SeqCst);
+                            return (data, true);
+                        }
+                        Ok(Ok(n)) => data.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            })
+        };
+        let total = prefix.len() + chunk.len() * count;
+        let mut written = 0;
+        let mut write_error = None;
+        let pieces = std::iter::once(prefix).chain(std::iter::repeat_n(chunk, count));
+        for piece in pieces {
+            if closed.load(Ordering::SeqCst) {
+                break;
+            }
+            match tokio::time::timeout_at(deadline, async {
+                wr.write_all(piece).await?;
+                wr.flush().await
+            })
+            .await
+            {
+                Ok(Ok(())) => written += piece.len(),
+                Ok(Err(e)) => {
+                    write_error = Some(e.to_string());
+                    break;
+                }
+                Err(_) => {
+                    write_error = Some("write timed out".into());
+                    break;
+                }
+            }
+        }
+        let (data, closed) = reader.await.expect("reader task");
+        FloodOutcome {
+            written,
+            total,
+            received: String::from_utf8_lossy(&data).into_owned(),
+            closed,
+            write_error,
+        }
     }
 }
