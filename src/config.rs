@@ -36,6 +36,14 @@ pub struct Config {
     pub auth: AuthConfig,
     pub limits: LimitsConfig,
     pub log: LogConfig,
+    pub metrics: MetricsConfig,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Address of a Prometheus scrape endpoint (`GET /metrics`); unset = no separate metrics listener.
+    pub listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -347,8 +355,15 @@ fn apply_env(
             var: var.clone(),
             message,
         };
-        let Some(default_section) = defaults.get(&section).and_then(|v| v.as_table()) else {
-            if section == "log" || var.starts_with("TERN_") {
+        let empty = toml::Table::new();
+        let default_section = match defaults.get(&section).and_then(|v| v.as_table()) {
+            Some(t) => Some(t),
+            // Sections whose every key defaults to unset serialise as empty tables or not at all.
+            None if section == "metrics" => Some(&empty),
+            None => None,
+        };
+        let Some(default_section) = default_section else {
+            if var.starts_with("TERN_") {
                 return Err(env_err(format!(
                     "unknown section `{section}`; expected one of: {}",
                     known_sections()
@@ -411,13 +426,15 @@ fn apply_env(
 }
 
 fn known_sections() -> String {
-    "server, tls, c2s, auth, limits, log".into()
+    "server, tls, c2s, auth, limits, log, metrics".into()
 }
 
 /// Keys whose default is `None` (absent from the serialised defaults), with their value kind.
 fn optional_key(section: &str, key: &str) -> Option<toml::Value> {
     match (section, key) {
-        ("tls", "certs_dir" | "cert" | "key") | ("auth", "device_secret") => {
+        ("tls", "certs_dir" | "cert" | "key")
+        | ("auth", "device_secret")
+        | ("metrics", "listen") => {
             Some(toml::Value::String(String::new()))
         }
         _ => None,

@@ -34,6 +34,8 @@ pub enum ServerError {
     Tls(#[from] crate::tls::TlsError),
     #[error(transparent)]
     Store(#[from] crate::store::accounts::StoreError),
+    #[error("listener `metrics.listen` on {addr}: {reason}")]
+    Metrics { addr: SocketAddr, reason: String },
 }
 
 /// How long connections get to say goodbye on shutdown.
@@ -52,6 +54,9 @@ impl Server {
     /// Load certificates and accounts, bind every listener (all or nothing), start accepting.
     pub async fn start(config: &Config) -> Result<Server, ServerError> {
         raise_fd_limit();
+        if let Some(addr) = config.metrics.listen {
+            install_metrics(addr)?;
+        }
         let tls = Tls::load(&config.server, &config.tls)?;
         let store = Arc::new(AccountStore::open(&config.server.data_dir)?);
         let router = Arc::new(Router::new());
@@ -252,6 +257,30 @@ async fn accept_loop(
             conn::serve(tcp, peer, kind, settings, cancel).await;
             drop(permit);
         });
+    }
+}
+
+/// Prometheus scrape endpoint. The recorder is process-global: a second server in the same process
+/// (tests) keeps using the first one's.
+fn install_metrics(addr: SocketAddr) -> Result<(), ServerError> {
+    // Bind first so a busy port is reported like every other listener's.
+    std::net::TcpListener::bind(addr).map_err(|e| ServerError::Metrics {
+        addr,
+        reason: e.to_string(),
+    })?;
+    match metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .install()
+    {
+        Ok(()) => {
+            tracing::info!("Prometheus metrics on http://{addr}/metrics");
+            Ok(())
+        }
+        Err(metrics_exporter_prometheus::BuildError::FailedToSetGlobalRecorder(_)) => Ok(()),
+        Err(e) => Err(ServerError::Metrics {
+            addr,
+            reason: e.to_string(),
+        }),
     }
 }
 

@@ -185,8 +185,9 @@ async fn preauth_byte_budget_is_policy_violation() {
     let server = TestServer::start("[limits]\npreauth_max_bytes = 4096\n");
     let (c, _features) = server.connect(Transport::DirectTls).await;
     // Whitespace is legal between top-level elements, so only the byte budget can stop this.
-    let chunk = vec![b' '; 1024];
-    let outcome = c.flood(b"", &chunk, 256, Duration::from_secs(30)).await;
+    // 16 MiB: far more than socket buffers can absorb, so "all written" would mean the server kept reading.
+    let chunk = vec![b' '; 16 * 1024];
+    let outcome = c.flood(b"", &chunk, 1024, Duration::from_secs(60)).await;
     assert!(
         outcome.received.contains("<policy-violation"),
         "no policy-violation after {} unauthenticated bytes: {outcome:?}",
@@ -688,6 +689,7 @@ async fn server_pings_idle_client_and_drops_a_silent_one() {
     // A session that never answers is dropped.
     let text = silent
         .read_to_close(Duration::from_secs(20))
+        .await
         .unwrap_or_else(|e| panic!("silent client not dropped: {e}"));
     assert!(
         text.contains("urn:xmpp:ping"),
@@ -835,7 +837,12 @@ async fn accounts_added_and_removed_while_running() {
 
 #[tokio::test]
 async fn device_credentials_disabled_without_secret() {
-    let server = TestServer::start("[auth]\ndevice_secret = \"\"\n");
+    let server = TestServer::start_edited("", |config| {
+        config["auth"]
+            .as_table_mut()
+            .expect("[auth]")
+            .remove("device_secret");
+    });
     let bare = format!("agent-1@{DOMAIN}");
     let err = server
         .login_plain(

@@ -671,3 +671,39 @@ async fn presence_broadcast_to_own_resources() {
     one.close().await;
     two.close().await;
 }
+
+#[tokio::test]
+async fn ring_of_clients_routes_every_message() {
+    // Ten sessions, each sends to the next one's full JID at once; every message arrives exactly once.
+    let server = TestServer::start("");
+    let n = 10;
+    let mut clients = Vec::new();
+    for i in 0..n {
+        let bare = format!("ring-{i}@localhost");
+        let pw = server.device_password(&bare);
+        let transport = if i % 2 == 0 {
+            Transport::DirectTls
+        } else {
+            Transport::StartTls
+        };
+        clients.push(login(&server, transport, &bare, &pw, Mech::Best).await);
+    }
+    let jids: Vec<FullJid> = clients.iter().map(|c| c.jid.clone()).collect();
+    for (i, c) in clients.iter_mut().enumerate() {
+        let to = &jids[(i + 1) % n];
+        for k in 0..5 {
+            c.send(chat(to, &format!("{i}→{k} ✉"))).await;
+        }
+    }
+    for (i, c) in clients.iter_mut().enumerate() {
+        let sender = (i + n - 1) % n;
+        for k in 0..5 {
+            let m = c.wait_message().await;
+            assert_eq!(body_of(&m), format!("{sender}→{k} ✉"));
+            assert_eq!(m.from, Some(Jid::from(jids[sender].clone())));
+        }
+    }
+    for c in clients {
+        c.close().await;
+    }
+}

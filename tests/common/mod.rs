@@ -114,6 +114,19 @@ impl TestServer {
 
     /// Like [`TestServer::start`], but first stores the given accounts with `tern user add`.
     pub fn start_with_users(extra_toml: &str, users: &[(&str, &str)]) -> TestServer {
+        Self::start_full(extra_toml, users, |_| {})
+    }
+
+    /// Like [`TestServer::start`], with a final edit of the merged config (e.g. to remove a key).
+    pub fn start_edited(extra_toml: &str, edit: impl Fn(&mut toml::Table)) -> TestServer {
+        Self::start_full(extra_toml, &[], edit)
+    }
+
+    fn start_full(
+        extra_toml: &str,
+        users: &[(&str, &str)],
+        edit: impl Fn(&mut toml::Table),
+    ) -> TestServer {
         let extra: toml::Table = extra_toml.parse().expect("extra_toml must be valid TOML");
         let mut last_log = String::new();
         // Ports are picked by binding and dropping; another process may grab one in between, so retry.
@@ -124,6 +137,7 @@ impl TestServer {
             let tls_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
             let mut config = base_config(&data_dir, starttls_addr, tls_addr);
             merge_toml(&mut config, extra.clone());
+            edit(&mut config);
             let config_path = dir.path().join("tern.toml");
             std::fs::write(
                 &config_path,

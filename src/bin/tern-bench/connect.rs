@@ -1,0 +1,600 @@
+//! Scenario `connect`: log N users in (paced, bounded concurrency), hold the idle sessions, and
+//! report login rate, login latency, failures and — with `--server-pid` — the server's memory per
+//! session and CPU per login.
+//!
+//! Above ~18,000 users the process re-executes itself as worker processes (each with a share of
+//! the users) because of the open-files limit; workers talk to the parent in JSON lines
+//! (`{"progress":…}` repeatedly, `{"result":…}` at the end) and stop when their stdin closes.
+
+use std::collections::BTreeMap;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use rustls::pki_types::ServerName;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, ChildStdin, Command};
+use tokio::sync::watch;
+use tokio_rustls::TlsConnector;
+
+use crate::client::{ClientCtx, Password, TlsMode};
+use crate::engine::{self, Counters, FleetParams, FleetResult, Share, Snapshot};
+use crate::stats::{self, ProcSample};
+use crate::{ConnectArgs, net};
+
+/// Users per worker process when `--workers auto` (the fd limit is 20,000 per process).
+pub const USERS_PER_WORKER: u64 = 18_000;
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum WorkerMsg {
+    Progress(Snapshot),
+    Result(FleetResult),
+}
+
+pub fn main(args: ConnectArgs) -> anyhow::Result<()> {
+    let nofile = net::raise_nofile();
+    let workers = match (args.worker_index, args.worker_count) {
+        (Some(index), Some(count)) => return run_worker(args, index, count),
+        (None, None) => args.workers.0.unwrap_or_else(|| args.users.div_ceil(USERS_PER_WORKER).max(1)),
+        _ => bail!("--worker-index and --worker-count go together"),
+    };
+    let per_process = args.users.div_ceil(workers.max(1));
+    if per_process + 64 > nofile {
+        eprintln!(
+            "warning: {per_process} connections per process but the open-files limit is {nofile}; \
+             use more --workers"
+        );
+    }
+    let rt = runtime(if workers > 1 { 1 } else { threads(&args) })?;
+    rt.block_on(orchestrate(args, workers))
+}
+
+fn threads(args: &ConnectArgs) -> usize {
+    args.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)).max(1)
+}
+
+fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    let rt = if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()?
+    };
+    Ok(rt)
+}
+
+fn client_ctx(args: &ConnectArgs) -> anyhow::Result<Arc<ClientCtx>> {
+    let password = match (&args.password_pattern, &args.device_secret) {
+        (Some(p), None) => Password::Pattern(p.clone()),
+        (None, Some(s)) => Password::Device(s.clone()),
+        _ => bail!("give exactly one of --password-pattern and --device-secret"),
+    };
+    let sni = args.sni.clone().unwrap_or_else(|| args.domain.clone());
+    let server_name = ServerName::try_from(sni).context("--sni / --domain is not a valid TLS server name")?;
+    let config = net::client_config(!args.no_resume, 1024, args.tls == TlsMode::Direct)?;
+    Ok(Arc::new(ClientCtx {
+        server: args.server,
+        mode: args.tls,
+        domain: args.domain.clone(),
+        server_name,
+        connector: TlsConnector::from(config),
+        user_pattern: args.user_pattern.clone(),
+        password,
+        source_ips: args.source_ips.clone(),
+    }))
+}
+
+fn fleet_params(args: &ConnectArgs, share: Share, deadline: Instant) -> FleetParams {
+    let count = share.count.max(1);
+    FleetParams {
+        share,
+        rate: args.rate / count as f64,
+        concurrency: args.concurrency.div_ceil(count as usize).max(1),
+        login_timeout: Duration::from_secs_f64(args.login_timeout),
+        deadline,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Worker process
+// ---------------------------------------------------------------------------------------------
+
+fn emit(msg: &WorkerMsg) {
+    use std::io::Write;
+    if let Ok(line) = serde_json::to_string(msg) {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+    }
+}
+
+fn run_worker(args: ConnectArgs, index: u64, count: u64) -> anyhow::Result<()> {
+    let rt = runtime(threads(&args))?;
+    rt.block_on(async move {
+        let ctx = client_ctx(&args)?;
+        let start = Instant::now();
+        let timeout = Duration::from_secs_f64(args.timeout);
+        let share = Share { first: args.first_user, users: args.users, index, count };
+        let params = fleet_params(&args, share, start + timeout);
+        let counters = Arc::new(Counters::default());
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let fleet = tokio::spawn(engine::run(ctx, params, counters.clone(), stop_rx));
+        // The parent closes our stdin (or writes "stop") to end the hold.
+        let stdin_stop = stop_tx.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(tokio::io::stdin()).lines();
+            while let Ok(Some(l)) = lines.next_line().await {
+                if l.trim() == "stop" {
+                    break;
+                }
+            }
+            let _ = stdin_stop.send(true);
+        });
+        // Failsafe if the parent vanishes without closing the pipe.
+        let failsafe = start + timeout + Duration::from_secs(15);
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        let mut fleet = fleet;
+        loop {
+            tokio::select! {
+                r = &mut fleet => {
+                    let result = r.context("fleet task")?;
+                    emit(&WorkerMsg::Result(result));
+                    return Ok(());
+                }
+                _ = tick.tick() => {
+                    emit(&WorkerMsg::Progress(counters.snapshot()));
+                    if Instant::now() >= failsafe {
+                        let _ = stop_tx.send(true);
+                    }
+                }
+            }
+        }
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parent: one in-process fleet or several worker processes
+// ---------------------------------------------------------------------------------------------
+
+enum Fleet {
+    Local {
+        counters: Arc<Counters>,
+        stop: watch::Sender<bool>,
+        task: tokio::task::JoinHandle<FleetResult>,
+    },
+    Workers {
+        children: Vec<Child>,
+        stdins: Vec<ChildStdin>,
+        latest: Arc<Mutex<Vec<Snapshot>>>,
+        readers: Vec<tokio::task::JoinHandle<Option<FleetResult>>>,
+    },
+}
+
+impl Fleet {
+    fn start(args: &ConnectArgs, workers: u64, deadline: Instant) -> anyhow::Result<Fleet> {
+        if workers <= 1 {
+            let ctx = client_ctx(args)?;
+            let share = Share { first: args.first_user, users: args.users, index: 0, count: 1 };
+            let counters = Arc::new(Counters::default());
+            let (stop, stop_rx) = watch::channel(false);
+            let task =
+                tokio::spawn(engine::run(ctx, fleet_params(args, share, deadline), counters.clone(), stop_rx));
+            return Ok(Fleet::Local { counters, stop, task });
+        }
+        client_ctx(args)?; // validate arguments once, before spawning anything
+        let exe = std::env::current_exe().context("cannot find own executable")?;
+        let argv: Vec<_> = std::env::args_os().skip(1).collect();
+        let latest = Arc::new(Mutex::new(vec![Snapshot::default(); workers as usize]));
+        let (mut children, mut stdins, mut readers) = (Vec::new(), Vec::new(), Vec::new());
+        for index in 0..workers {
+            let mut child = Command::new(&exe)
+                .args(&argv)
+                .arg("--worker-index")
+                .arg(index.to_string())
+                .arg("--worker-count")
+                .arg(workers.to_string())
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .kill_on_drop(true)
+                .spawn()
+                .with_context(|| format!("spawning worker {index}"))?;
+            let stdout = child.stdout.take().context("worker stdout")?;
+            stdins.push(child.stdin.take().context("worker stdin")?);
+            let latest = latest.clone();
+            readers.push(tokio::spawn(async move {
+                let mut lines = BufReader::new(stdout).lines();
+                let mut result = None;
+                while let Ok(Some(line)) = lines.next_line().await {
+                    match serde_json::from_str::<WorkerMsg>(&line) {
+                        Ok(WorkerMsg::Progress(s)) => {
+                            if let Ok(mut l) = latest.lock() {
+                                l[index as usize] = s;
+                            }
+                        }
+                        Ok(WorkerMsg::Result(r)) => result = Some(r),
+                        Err(e) => eprintln!("worker {index}: bad message ({e}): {line}"),
+                    }
+                }
+                result
+            }));
+            children.push(child);
+        }
+        Ok(Fleet::Workers { children, stdins, latest, readers })
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        match self {
+            Fleet::Local { counters, .. } => counters.snapshot(),
+            Fleet::Workers { latest, .. } => {
+                let mut s = latest.lock().map(|l| Snapshot::sum(l.iter())).unwrap_or_default();
+                s.cpu_ms += stats::cpu_ms("self").unwrap_or(0);
+                s
+            }
+        }
+    }
+
+    async fn stop(self) -> anyhow::Result<FleetResult> {
+        match self {
+            Fleet::Local { stop, task, .. } => {
+                let _ = stop.send(true);
+                Ok(task.await?)
+            }
+            Fleet::Workers { mut children, stdins, readers, .. } => {
+                drop(stdins); // EOF on stdin = stop
+                let mut total = FleetResult::default();
+                let mut first = true;
+                for (i, r) in readers.into_iter().enumerate() {
+                    match tokio::time::timeout(Duration::from_secs(30), r).await {
+                        Ok(Ok(Some(res))) => {
+                            if first {
+                                total = res;
+                                first = false;
+                            } else {
+                                total.merge(&res);
+                            }
+                        }
+                        _ => eprintln!("worker {i} gave no result"),
+                    }
+                }
+                for c in &mut children {
+                    if tokio::time::timeout(Duration::from_secs(5), c.wait()).await.is_err() {
+                        let _ = c.start_kill();
+                    }
+                }
+                Ok(total)
+            }
+        }
+    }
+}
+
+/// Server process samples taken during the run.
+#[derive(Default)]
+struct ServerWatch {
+    pid: Option<u32>,
+    before: Option<ProcSample>,
+    ramp_end: Option<ProcSample>,
+    after: Option<ProcSample>,
+    peak_rss_kib: u64,
+    last: Option<ProcSample>,
+}
+
+impl ServerWatch {
+    fn sample(&mut self) -> Option<ProcSample> {
+        let s = stats::sample(self.pid?)?;
+        self.peak_rss_kib = self.peak_rss_kib.max(s.rss_kib);
+        self.last = Some(s);
+        Some(s)
+    }
+}
+
+async fn orchestrate(args: ConnectArgs, workers: u64) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(args.timeout);
+    let cpu_start = stats::cpu_ms("self").unwrap_or(0);
+    let mut server = ServerWatch { pid: args.server_pid, ..ServerWatch::default() };
+    if let Some(pid) = args.server_pid {
+        server.before = Some(server.sample().with_context(|| format!("cannot read /proc/{pid}/status and stat"))?);
+    }
+
+    let fleet = Fleet::start(&args, workers, deadline)?;
+    let fleet_start = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut next_print = fleet_start + Duration::from_secs(1);
+    let mut prev = (fleet_start, 0u64, server.before.map_or(0, |s| s.cpu_ms), cpu_start);
+    let mut timed_out = false;
+    loop {
+        tick.tick().await;
+        let snap = fleet.snapshot();
+        let now = Instant::now();
+        if snap.ramp_done {
+            break;
+        }
+        if now >= deadline {
+            timed_out = true;
+            eprintln!("timeout: {} s elapsed before all logins finished", args.timeout);
+            break;
+        }
+        if now >= next_print {
+            next_print += Duration::from_secs(1);
+            let s = server.sample();
+            let dt = now.duration_since(prev.0).as_secs_f64().max(1e-3);
+            let mut line = format!(
+                "[{:6.1}s] ok {:>7}/{} (+{:.0}/s)  failed {}  in-flight {}",
+                now.duration_since(fleet_start).as_secs_f64(),
+                snap.ok,
+                args.users,
+                (snap.ok - prev.1) as f64 / dt,
+                snap.failed,
+                snap.in_flight(),
+            );
+            if let Some(s) = s {
+                line += &format!(
+                    "  | server rss {:.1} MiB cpu {:.0}%",
+                    s.rss_kib as f64 / 1024.0,
+                    (s.cpu_ms.saturating_sub(prev.2)) as f64 / 10.0 / dt
+                );
+                prev.2 = s.cpu_ms;
+            }
+            line += &format!("  | bench cpu {:.0}%", snap.cpu_ms.saturating_sub(prev.3) as f64 / 10.0 / dt);
+            eprintln!("{line}");
+            prev = (now, snap.ok, prev.2, snap.cpu_ms);
+        }
+    }
+    let ramp_end = Instant::now();
+    let ramp_snap = fleet.snapshot();
+    server.ramp_end = server.sample();
+
+    // Hold: sample the server once per second; the idle-memory sample is taken after `settle`.
+    let hold_end = (ramp_end + Duration::from_secs_f64(args.hold)).min(deadline.max(ramp_end));
+    let settle_at = (ramp_end + Duration::from_secs_f64(args.settle)).min(hold_end);
+    let mut sessions_at_sample = 0;
+    let mut sampled = false;
+    let mut next = ramp_end + Duration::from_secs(1);
+    loop {
+        let now = Instant::now();
+        if !sampled && now >= settle_at {
+            server.after = server.sample();
+            sessions_at_sample = fleet.snapshot().active;
+            sampled = true;
+        }
+        if now >= hold_end {
+            break;
+        }
+        if now >= next {
+            next += Duration::from_secs(1);
+            let snap = fleet.snapshot();
+            let mut line = format!(
+                "[{:6.1}s] holding {} sessions  dropped {}  pings {}",
+                now.duration_since(fleet_start).as_secs_f64(),
+                snap.active,
+                snap.dropped,
+                snap.pings
+            );
+            if let Some(s) = server.sample() {
+                line += &format!("  | server rss {:.1} MiB", s.rss_kib as f64 / 1024.0);
+            }
+            eprintln!("{line}");
+        }
+        let wake = [next, hold_end, if sampled { hold_end } else { settle_at }].into_iter().min().unwrap_or(hold_end);
+        tokio::time::sleep_until(wake.into()).await;
+    }
+    let result = fleet.stop().await?;
+    let report = Report::build(&args, workers, &result, &ramp_snap, &server, sessions_at_sample, Timing {
+        ramp_wall: ramp_end.duration_since(fleet_start),
+        harness_cpu_ms: ramp_snap.cpu_ms.saturating_sub(cpu_start),
+        timed_out,
+    });
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Report
+// ---------------------------------------------------------------------------------------------
+
+struct Timing {
+    ramp_wall: Duration,
+    harness_cpu_ms: u64,
+    timed_out: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct Latency {
+    p50_ms: f64,
+    p90_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    mean_ms: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct ServerReport {
+    pid: u32,
+    rss_before_kib: u64,
+    rss_after_kib: u64,
+    rss_peak_kib: u64,
+    /// Sessions established when `rss_after_kib` was sampled.
+    sessions_at_sample: u64,
+    kib_per_session: Option<f64>,
+    cpu_ramp_secs: f64,
+    /// Server CPU during the ramp as a fraction of one core.
+    cpu_ramp_util: f64,
+    cpu_us_per_login: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    scenario: &'static str,
+    server: String,
+    tls: TlsMode,
+    domain: String,
+    users: u64,
+    rate_target: f64,
+    concurrency: usize,
+    workers: u64,
+    tls_resumption: bool,
+    attempted: u64,
+    ok: u64,
+    failed: u64,
+    failures: BTreeMap<String, u64>,
+    tls_resumed: u64,
+    /// First connect start to last bind result.
+    ramp_secs: f64,
+    login_rate: f64,
+    latency: Latency,
+    dropped_during_hold: u64,
+    drops: BTreeMap<String, u64>,
+    pings_answered: u64,
+    /// Benchmark CPU during the ramp as a fraction of one core (all its processes).
+    harness_cpu_ramp_util: f64,
+    timed_out: bool,
+    server_process: Option<ServerReport>,
+}
+
+fn ms(us: u64) -> f64 {
+    (us as f64 / 1000.0 * 100.0).round() / 100.0
+}
+
+fn round(x: f64, digits: i32) -> f64 {
+    let f = 10f64.powi(digits);
+    (x * f).round() / f
+}
+
+impl Report {
+    fn build(
+        args: &ConnectArgs,
+        workers: u64,
+        r: &FleetResult,
+        ramp: &Snapshot,
+        server: &ServerWatch,
+        sessions_at_sample: u64,
+        t: Timing,
+    ) -> Report {
+        let s = &r.snapshot;
+        let ramp_secs = if ramp.ok > 0 && ramp.last_ok_us > ramp.first_start_us {
+            (ramp.last_ok_us - ramp.first_start_us) as f64 / 1e6
+        } else {
+            t.ramp_wall.as_secs_f64()
+        };
+        let wall = t.ramp_wall.as_secs_f64().max(1e-3);
+        let h = &r.latency_us;
+        let server_process = match (server.pid, server.before, server.ramp_end) {
+            (Some(pid), Some(before), Some(ramp_end)) => {
+                let after = server.after.or(server.last).unwrap_or(ramp_end);
+                let cpu_ms = ramp_end.cpu_ms.saturating_sub(before.cpu_ms);
+                Some(ServerReport {
+                    pid,
+                    rss_before_kib: before.rss_kib,
+                    rss_after_kib: after.rss_kib,
+                    rss_peak_kib: server.peak_rss_kib,
+                    sessions_at_sample,
+                    kib_per_session: (sessions_at_sample > 0).then(|| {
+                        round((after.rss_kib as f64 - before.rss_kib as f64) / sessions_at_sample as f64, 2)
+                    }),
+                    cpu_ramp_secs: cpu_ms as f64 / 1000.0,
+                    cpu_ramp_util: round(cpu_ms as f64 / 1000.0 / wall, 3),
+                    cpu_us_per_login: (ramp.ok > 0).then(|| round(cpu_ms as f64 * 1000.0 / ramp.ok as f64, 1)),
+                })
+            }
+            _ => None,
+        };
+        Report {
+            scenario: "connect",
+            server: args.server.to_string(),
+            tls: args.tls,
+            domain: args.domain.clone(),
+            users: args.users,
+            rate_target: args.rate,
+            concurrency: args.concurrency,
+            workers,
+            tls_resumption: !args.no_resume,
+            attempted: s.attempted,
+            ok: s.ok,
+            failed: s.failed,
+            failures: r.failures.clone(),
+            tls_resumed: s.resumed,
+            ramp_secs: round(ramp_secs, 3),
+            login_rate: round(if ramp_secs > 0.0 { ramp.ok as f64 / ramp_secs } else { 0.0 }, 1),
+            latency: Latency {
+                p50_ms: ms(h.quantile(0.5)),
+                p90_ms: ms(h.quantile(0.9)),
+                p99_ms: ms(h.quantile(0.99)),
+                max_ms: ms(h.max()),
+                mean_ms: ms(h.mean() as u64),
+            },
+            dropped_during_hold: s.dropped,
+            drops: r.drops.clone(),
+            pings_answered: s.pings,
+            harness_cpu_ramp_util: round(t.harness_cpu_ms as f64 / 1000.0 / wall, 3),
+            timed_out: t.timed_out,
+            server_process,
+        }
+    }
+
+    fn table(&self) -> String {
+        let mut o = String::new();
+        let mut row = |k: &str, v: String| o.push_str(&format!("  {k:<24} {v}\n"));
+        let rate = if self.rate_target > 0.0 { format!("{}/s", self.rate_target) } else { "max".into() };
+        row(
+            "scenario",
+            format!(
+                "connect {} users, {:?} TLS, concurrency {}, rate {rate}, {} process(es){}",
+                self.users,
+                self.tls,
+                self.concurrency,
+                self.workers,
+                if self.timed_out { ", TIMED OUT" } else { "" }
+            ),
+        );
+        row("logins ok", format!("{} of {} attempted ({} failed)", self.ok, self.attempted, self.failed));
+        row("login rate", format!("{:.1} logins/s over {:.2} s", self.login_rate, self.ramp_secs));
+        let l = &self.latency;
+        row(
+            "login latency",
+            format!(
+                "p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  max {:.2} ms  (mean {:.2} ms)",
+                l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms, l.mean_ms
+            ),
+        );
+        row("TLS sessions resumed", self.tls_resumed.to_string());
+        for (k, v) in &self.failures {
+            row("failure", format!("{v:>7}  {k}"));
+        }
+        row("dropped while holding", self.dropped_during_hold.to_string());
+        for (k, v) in &self.drops {
+            row("drop", format!("{v:>7}  {k}"));
+        }
+        row("pings answered", self.pings_answered.to_string());
+        row("bench CPU during ramp", format!("{:.0}% of one core", self.harness_cpu_ramp_util * 100.0));
+        if let Some(s) = &self.server_process {
+            row("server pid", s.pid.to_string());
+            row("server RSS before", format!("{:.1} MiB", s.rss_before_kib as f64 / 1024.0));
+            row(
+                "server RSS idle",
+                format!("{:.1} MiB with {} sessions", s.rss_after_kib as f64 / 1024.0, s.sessions_at_sample),
+            );
+            row("server RSS peak", format!("{:.1} MiB", s.rss_peak_kib as f64 / 1024.0));
+            row(
+                "server KiB per session",
+                s.kib_per_session.map_or("n/a".into(), |k| format!("{k:.2}")),
+            );
+            row(
+                "server CPU during ramp",
+                format!(
+                    "{:.2} s ({:.0}% of one core), {} per login",
+                    s.cpu_ramp_secs,
+                    s.cpu_ramp_util * 100.0,
+                    s.cpu_us_per_login.map_or("n/a".into(), |u| format!("{u:.0} µs"))
+                ),
+            );
+        }
+        o
+    }
+}
