@@ -434,9 +434,7 @@ fn optional_key(section: &str, key: &str) -> Option<toml::Value> {
     match (section, key) {
         ("tls", "certs_dir" | "cert" | "key")
         | ("auth", "device_secret")
-        | ("metrics", "listen") => {
-            Some(toml::Value::String(String::new()))
-        }
+        | ("metrics", "listen") => Some(toml::Value::String(String::new())),
         _ => None,
     }
 }

@@ -118,6 +118,10 @@ async fn oversized_stanza_is_rejected_while_arriving() {
             Duration::from_secs(60),
         )
         .await;
+    eprintln!(
+        "oversized stanza: wrote {} of {} bytes before the close (write error: {:?})",
+        outcome.written, outcome.total, outcome.write_error
+    );
     assert!(
         outcome.received.contains("<policy-violation"),
         "no policy-violation stream error: {:?} (wrote {} of {} bytes, write error {:?})",
@@ -188,6 +192,10 @@ async fn preauth_byte_budget_is_policy_violation() {
     // 16 MiB: far more than socket buffers can absorb, so "all written" would mean the server kept reading.
     let chunk = vec![b' '; 16 * 1024];
     let outcome = c.flood(b"", &chunk, 1024, Duration::from_secs(60)).await;
+    eprintln!(
+        "preauth flood: wrote {} of {} bytes before the close (write error: {:?})",
+        outcome.written, outcome.total, outcome.write_error
+    );
     assert!(
         outcome.received.contains("<policy-violation"),
         "no policy-violation after {} unauthenticated bytes: {outcome:?}",
@@ -249,6 +257,7 @@ async fn per_ip_connection_cap() {
                 .read_to_close(STEP)
                 .await
                 .unwrap_or_else(|e| panic!("4th connection from one IP was kept open: {e}"));
+            eprintln!("4th connection from one IP got: {text:?}");
             assert!(
                 !text.contains("features"),
                 "4th connection got stream features: {text}"
@@ -855,4 +864,93 @@ async fn device_credentials_disabled_without_secret() {
         .err()
         .expect("device login worked although device credentials are disabled");
     assert!(err.contains("not-authorized"), "{err}");
+}
+
+/// `count` chat messages of ~1 kB each to `to`, as one string per message.
+fn chat_burst(to: &str, count: usize) -> Vec<String> {
+    let filler = "q".repeat(1000);
+    (0..count)
+        .map(|i| {
+            format!("<message type='chat' to='{to}' id='m{i}'><body>{i} {filler}</body></message>")
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn slow_consumer_does_not_block_the_sender() {
+    // Receiver never reads; the sender pushes far more than socket buffers and the outbound queue hold.
+    let server = TestServer::start(
+        "[limits]\ninbound_bytes_per_sec = 100000000\ninbound_burst_bytes = 100000000\n",
+    );
+    let stuck = server.login_device(&format!("stuck@{DOMAIN}"), "r").await;
+    let stuck_jid = stuck.jid().to_string();
+    let sender = server.login_device(&format!("busy@{DOMAIN}"), "r").await;
+    let mut pieces: Vec<String> = chat_burst(&stuck_jid, 8000);
+    pieces.push(format!(
+        "<iq type='get' id='after-flood' to='{DOMAIN}'><ping xmlns='urn:xmpp:ping'/></iq>"
+    ));
+    let outcome = sender
+        .flood_with(
+            pieces.iter().map(|p| p.as_bytes()),
+            Some("after-flood"),
+            Duration::from_secs(60),
+        )
+        .await;
+    assert!(
+        !outcome.closed && outcome.write_error.is_none(),
+        "the sender was cut off because another client is slow: {:?} / {:?}",
+        outcome.write_error,
+        outcome.received.get(..2000)
+    );
+    assert_eq!(outcome.written, outcome.total);
+    assert!(
+        outcome.received.contains("after-flood"),
+        "the sender's ping was not answered within 60 s while a recipient was stuck"
+    );
+    // Refused stanzas are bounced, not silently dropped (RFC 6120 §8.3.3.18 resource-constraint).
+    assert!(
+        outcome.received.contains("<resource-constraint"),
+        "no resource-constraint bounce although ~8 MB were queued for a client that reads nothing"
+    );
+    drop(stuck);
+    server.assert_alive().await;
+}
+
+#[tokio::test]
+async fn sigterm_exits_despite_a_stuck_client() {
+    let mut server = TestServer::start(
+        "[limits]\ninbound_bytes_per_sec = 100000000\ninbound_burst_bytes = 100000000\n",
+    );
+    let stuck = server.login_device(&format!("stuck@{DOMAIN}"), "r").await;
+    let stuck_jid = stuck.jid().to_string();
+    let sender = server.login_device(&format!("busy@{DOMAIN}"), "r").await;
+    let mut pieces = chat_burst(&stuck_jid, 6000);
+    pieces.push(format!(
+        "<iq type='get' id='flooded' to='{DOMAIN}'><ping xmlns='urn:xmpp:ping'/></iq>"
+    ));
+    let outcome = sender
+        .flood_with(
+            pieces.iter().map(|p| p.as_bytes()),
+            Some("flooded"),
+            Duration::from_secs(60),
+        )
+        .await;
+    assert!(outcome.received.contains("flooded"), "flood not processed");
+    // A pre-auth stream is also open.
+    let (mut preauth, _features) = server.connect(Transport::DirectTls).await;
+    server.sigterm();
+    let text = preauth
+        .read_to_close(STEP)
+        .await
+        .unwrap_or_else(|e| panic!("unauthenticated stream not closed on shutdown: {e}"));
+    assert!(
+        text.contains("<system-shutdown"),
+        "unauthenticated stream closed without system-shutdown: {text:?}"
+    );
+    let status = server
+        .wait_exit_async(Duration::from_secs(30))
+        .await
+        .expect("server did not exit within 30 s of SIGTERM with a client that reads nothing");
+    assert_eq!(status.code(), Some(0), "exit status: {status}");
+    drop(stuck);
 }

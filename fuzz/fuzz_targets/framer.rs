@@ -19,7 +19,10 @@ fn drain(f: &mut Framer, limits: &FramerLimits) -> bool {
                 let _ = s.first_child();
                 let out = s.with_addressing(Some("a'b\"c&<>@x/\u{e9}"), Some("to@example.com"));
                 // Re-addressed output must itself frame as exactly one valid stanza.
-                let mut g = Framer::new(FramerLimits { max_stanza_bytes: out.len(), ..*limits });
+                let mut g = Framer::new(FramerLimits {
+                    max_stanza_bytes: out.len().max(HEADER.len()),
+                    ..*limits
+                });
                 g.push(HEADER);
                 assert!(matches!(g.next(), Ok(Some(Event::StreamOpen(_)))));
                 g.push(&out);
@@ -48,9 +51,16 @@ fn drain(f: &mut Framer, limits: &FramerLimits) -> bool {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&ctl, rest)) = data.split_first() else { return };
-    let Some((&split, rest)) = rest.split_first() else { return };
-    let limits = FramerLimits { max_stanza_bytes: 512 + usize::from(ctl & 0x3f) * 64, max_depth: 8 };
+    let Some((&ctl, rest)) = data.split_first() else {
+        return;
+    };
+    let Some((&split, rest)) = rest.split_first() else {
+        return;
+    };
+    let limits = FramerLimits {
+        max_stanza_bytes: 512 + usize::from(ctl & 0x3f) * 64,
+        max_depth: 8,
+    };
     let mut f = Framer::new(limits);
     if ctl & 0x80 != 0 {
         f.push(HEADER);

@@ -544,10 +544,10 @@ impl C2s {
             None => true,
             Some(j) => j.node().is_none() && j.domain().as_str() == self.ctx.domain,
         };
-        let to_own_bare = to
+        let to_local_bare = to
             .as_ref()
-            .is_some_and(|j| j.is_bare() && j.to_bare() == me.to_bare());
-        if kind == Kind::Iq && (to_server || to_own_bare) {
+            .is_some_and(|j| j.is_bare() && j.domain().as_str() == self.ctx.domain);
+        if kind == Kind::Iq && (to_server || to_local_bare) {
             // RFC 6121 §8.5.2.1.3 / RFC 6120 §10.3: the server answers on the account's behalf.
             let reply = server_iq::handle(&stanza, &me, &self.ctx.domain, to.as_ref());
             if let Some(reply) = reply {
@@ -988,6 +988,33 @@ mod tests {
         assert_eq!(r, "</stream:stream>");
         assert!(c.c2s.is_closed());
         assert_eq!(w.ctx.router.session_count(), 0);
+    }
+
+    #[test]
+    fn iq_to_a_bare_jid_is_answered_by_the_server() {
+        let w = world();
+        let mut c = Client::login(&w, "alice", "pencil", "desk");
+        // RFC 6121 §8.5.2.1.3: on behalf of any local account, online or not.
+        let r = c.send(
+            "<iq type='get' id='p' to='bob@localhost'><ping xmlns='urn:xmpp:ping'/></iq>",
+            w.t0,
+        );
+        assert!(r.contains("type='result'") && r.contains("from='bob@localhost'"), "{r}");
+        let r = c.send(
+            "<iq type='get' id='r' to='bob@localhost'><query xmlns='jabber:iq:roster'/></iq>",
+            w.t0,
+        );
+        assert!(r.contains("<forbidden"), "{r}");
+        let r = c.send(
+            "<iq type='get' id='r2' to='alice@localhost'><query xmlns='jabber:iq:roster'/></iq>",
+            w.t0,
+        );
+        assert!(r.contains("type='result'") && r.contains("jabber:iq:roster"), "{r}");
+        let r = c.send(
+            "<iq type='get' id='d' to='bob@localhost'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>",
+            w.t0,
+        );
+        assert!(r.contains("category='account'"), "{r}");
     }
 
     #[test]

@@ -94,12 +94,12 @@ pub async fn serve(
         reparse: false,
     };
     let result = match kind {
-        ListenerKind::DirectTls => match handshake(&settings, tcp, true).await {
+        ListenerKind::DirectTls => match handshake(&settings, tcp, true, &conn.shutdown).await {
             Some(tls) => conn.run(tls).await.map(|_| ()),
             None => Ok(()),
         },
         ListenerKind::StartTls => match conn.run(tcp).await {
-            Ok(Some(tcp)) => match handshake(&settings, tcp, false).await {
+            Ok(Some(tcp)) => match handshake(&settings, tcp, false, &conn.shutdown).await {
                 Some(tls) => {
                     conn.c2s.on_tls_established();
                     // RFC 6120 §5.4.3.3: nothing sent before the handshake survives it.
@@ -122,6 +122,7 @@ async fn handshake(
     settings: &ConnSettings,
     tcp: TcpStream,
     direct: bool,
+    shutdown: &CancellationToken,
 ) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
     let config = if direct {
         settings.tls.direct_config()
@@ -129,12 +130,16 @@ async fn handshake(
         settings.tls.starttls_config()
     };
     let peer = tcp.peer_addr().ok();
-    match tokio::time::timeout(
+    let accept = tokio::time::timeout(
         settings.tls_handshake_timeout,
         TlsAcceptor::from(config).accept(tcp),
-    )
-    .await
-    {
+    );
+    let result = tokio::select! {
+        r = accept => r,
+        // Shutting down: a half-open handshake has no session to say goodbye to.
+        _ = shutdown.cancelled() => return None,
+    };
+    match result {
         Ok(Ok(tls)) => Some(tls),
         Ok(Err(e)) => {
             metrics::counter!("tern_tls_handshake_failures_total").increment(1);

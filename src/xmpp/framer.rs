@@ -378,13 +378,29 @@ fn is_name_char(c: char) -> bool {
         || matches!(c, '-' | '.' | '0'..='9' | '\u{B7}' | '\u{300}'..='\u{36F}' | '\u{203F}'..='\u{2040}')
 }
 
+/// ASCII classes: bit 0 = NameStartChar, bit 1 = NameChar.
+const ASCII_NAME: [u8; 128] = {
+    let mut t = [0u8; 128];
+    let mut i = 0;
+    while i < 128 {
+        let c = i as u8;
+        let start = c == b':' || c == b'_' || c.is_ascii_alphabetic();
+        let name = start || c == b'-' || c == b'.' || c.is_ascii_digit();
+        t[i] = (start as u8) | ((name as u8) << 1);
+        i += 1;
+    }
+    t
+};
+
 /// XML 1.0 §2.3 `Name`.
 fn is_valid_name(name: &[u8]) -> bool {
-    // ASCII fast path.
+    // ASCII fast path (table lookup).
     if name.is_ascii() {
         let mut it = name.iter();
         return match it.next() {
-            Some(&f) if is_name_start(f as char) => it.all(|&b| is_name_char(b as char)),
+            Some(&f) if ASCII_NAME[usize::from(f & 0x7f)] & 1 != 0 => {
+                it.all(|&b| ASCII_NAME[usize::from(b & 0x7f)] & 2 != 0)
+            }
             _ => false,
         };
     }
@@ -624,7 +640,8 @@ fn validate_stanza(raw: &[u8]) -> Result<(usize, Option<(usize, usize)>), FrameE
                 if root.is_none() {
                     return Err(nwf("text before element"));
                 }
-                if memchr::memmem::find(&t, b"]]>").is_some() {
+                let t: &[u8] = &t;
+                if memchr::memchr_iter(b'>', t).any(|i| i >= 2 && t.get(i - 2..i) == Some(b"]]")) {
                     return Err(nwf("']]>' in character data"));
                 }
             }

@@ -44,6 +44,8 @@ pub fn handle(stanza: &Stanza, me: &FullJid, domain: &str, to: Option<&Jid>) -> 
         Iq::Result { .. } | Iq::Error { .. } => return None,
     };
     let to_server = to.is_none_or(|t| t.node().is_none());
+    // Addressed to no one, or to the account's own bare JID (RFC 6121 §2.1.3 roster requests).
+    let own = to.is_none_or(|t| t.to_bare() == me.to_bare());
     let from: Option<Jid> = to.cloned();
     let result: Result<Option<Element>, DefinedCondition> =
         match (is_get, payload.ns().as_str(), payload.name()) {
@@ -70,7 +72,7 @@ pub fn handle(stanza: &Stanza, me: &FullJid, domain: &str, to: Option<&Jid>) -> 
                 }
             }
             // RFC 6121 §2.1.3: roster get. Tern keeps no rosters yet, so the roster is empty.
-            (true, "jabber:iq:roster", "query") if to_server || to.is_some() => Ok(Some(
+            (true, "jabber:iq:roster", "query") if own => Ok(Some(
                 Roster {
                     ver: None,
                     items: Vec::new(),
@@ -78,7 +80,9 @@ pub fn handle(stanza: &Stanza, me: &FullJid, domain: &str, to: Option<&Jid>) -> 
                 .into(),
             )),
             // Roster pushes are not supported: RFC 6121 §2.3.3 allows refusing.
-            (false, "jabber:iq:roster", "query") => Err(DefinedCondition::NotAllowed),
+            (false, "jabber:iq:roster", "query") if own => Err(DefinedCondition::NotAllowed),
+        // RFC 6121 §2.1.5: another user's roster is not for this client.
+        (_, "jabber:iq:roster", "query") => Err(DefinedCondition::Forbidden),
             // RFC 3921 §3 legacy session establishment; RFC 6121 Appendix E: answer with success.
             (false, "urn:ietf:params:xml:ns:xmpp-session", "session") => Ok(None),
             // Re-binding after the session is bound is not allowed (RFC 6120 §7.7.2.2).

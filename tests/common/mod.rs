@@ -1189,35 +1189,58 @@ impl RawClient {
         count: usize,
         timeout: Duration,
     ) -> FloodOutcome {
+        let pieces = std::iter::once(prefix).chain(std::iter::repeat_n(chunk, count));
+        self.flood_with(pieces, None, timeout).await
+    }
+
+    /// Writes `pieces` while concurrently reading. Writing stops when the server closes the connection or a
+    /// write fails; reading stops at the close, at the timeout, or once the received text contains
+    /// `stop_on` (if given) after everything was written.
+    pub async fn flood_with<'a>(
+        self,
+        pieces: impl Iterator<Item = &'a [u8]>,
+        stop_on: Option<&str>,
+        timeout: Duration,
+    ) -> FloodOutcome {
         use std::sync::atomic::{AtomicBool, Ordering};
         let deadline = tokio::time::Instant::now() + timeout;
         let RawClient { conn, buf, .. } = self;
         let (mut rd, mut wr) = tokio::io::split(conn);
         let closed = Arc::new(AtomicBool::new(false));
+        let (done_tx, mut done_rx) = tokio::sync::watch::channel(false);
+        let stop_on = stop_on.map(|s| s.as_bytes().to_vec());
         let reader = {
             let closed = closed.clone();
             tokio::spawn(async move {
                 let mut data = buf;
                 let mut chunk = vec![0u8; 65536];
                 loop {
-                    match tokio::time::timeout_at(deadline, rd.read(&mut chunk)).await {
-                        Err(_) => return (data, false),
-                        Ok(Ok(0)) | Ok(Err(_)) => {
-                            closed.store(true, Ordering::SeqCst);
-                            return (data, true);
+                    if *done_rx.borrow()
+                        && stop_on.as_ref().is_some_and(|n| find(&data, n).is_some())
+                    {
+                        return (data, false);
+                    }
+                    tokio::select! {
+                        _ = done_rx.changed() => {}
+                        r = tokio::time::timeout_at(deadline, rd.read(&mut chunk)) => match r {
+                            Err(_) => return (data, false),
+                            Ok(Ok(0)) | Ok(Err(_)) => {
+                                closed.store(true, Ordering::SeqCst);
+                                return (data, true);
+                            }
+                            Ok(Ok(n)) => data.extend_from_slice(&chunk[..n]),
                         }
-                        Ok(Ok(n)) => data.extend_from_slice(&chunk[..n]),
                     }
                 }
             })
         };
-        let total = prefix.len() + chunk.len() * count;
+        let mut total = 0;
         let mut written = 0;
         let mut write_error = None;
-        let pieces = std::iter::once(prefix).chain(std::iter::repeat_n(chunk, count));
         for piece in pieces {
-            if closed.load(Ordering::SeqCst) {
-                break;
+            total += piece.len();
+            if write_error.is_some() || closed.load(Ordering::SeqCst) {
+                continue;
             }
             match tokio::time::timeout_at(deadline, async {
                 wr.write_all(piece).await?;
@@ -1226,16 +1249,11 @@ impl RawClient {
             .await
             {
                 Ok(Ok(())) => written += piece.len(),
-                Ok(Err(e)) => {
-                    write_error = Some(e.to_string());
-                    break;
-                }
-                Err(_) => {
-                    write_error = Some("write timed out".into());
-                    break;
-                }
+                Ok(Err(e)) => write_error = Some(e.to_string()),
+                Err(_) => write_error = Some("write timed out".into()),
             }
         }
+        let _ = done_tx.send(true);
         let (data, closed) = reader.await.expect("reader task");
         FloodOutcome {
             written,

@@ -27,7 +27,10 @@ pub const NS_SASL: &str = "urn:ietf:params:xml:ns:xmpp-sasl";
 pub const NS_TLS: &str = "urn:ietf:params:xml:ns:xmpp-tls";
 pub const NS_PING: &str = "urn:xmpp:ping";
 
-const LIMITS: FramerLimits = FramerLimits { max_stanza_bytes: 256 * 1024, max_depth: 32 };
+const LIMITS: FramerLimits = FramerLimits {
+    max_stanza_bytes: 256 * 1024,
+    max_depth: 32,
+};
 
 thread_local! {
     static READ_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; 32 * 1024].into_boxed_slice());
@@ -52,7 +55,6 @@ pub enum Password {
 }
 
 /// Everything a client needs, shared by all clients of a process.
-#[derive(Debug)]
 pub struct ClientCtx {
     pub server: SocketAddr,
     pub mode: TlsMode,
@@ -144,7 +146,8 @@ impl Fail {
 }
 
 pub fn device_password(secret: &str, bare_jid: &str) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key length");
+    let mut mac =
+        Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key length");
     mac.update(bare_jid.as_bytes());
     hex::encode(mac.finalize().into_bytes())
 }
@@ -201,7 +204,11 @@ pub async fn fill<S: AsyncRead + Unpin>(s: &mut S, framer: &mut Framer) -> std::
 }
 
 /// Next framer event, reading as needed.
-pub async fn next_event<S: AsyncRead + Unpin>(s: &mut S, framer: &mut Framer, phase: Phase) -> Result<Event, Fail> {
+pub async fn next_event<S: AsyncRead + Unpin>(
+    s: &mut S,
+    framer: &mut Framer,
+    phase: Phase,
+) -> Result<Event, Fail> {
     loop {
         if let Some(ev) = framer.next().map_err(Fail::Xml)? {
             return Ok(ev);
@@ -215,7 +222,11 @@ pub async fn next_event<S: AsyncRead + Unpin>(s: &mut S, framer: &mut Framer, ph
 }
 
 /// Next first-level element; a stream error or stream close becomes a failure.
-async fn next_stanza<S: AsyncRead + Unpin>(s: &mut S, framer: &mut Framer, phase: Phase) -> Result<Stanza, Fail> {
+async fn next_stanza<S: AsyncRead + Unpin>(
+    s: &mut S,
+    framer: &mut Framer,
+    phase: Phase,
+) -> Result<Stanza, Fail> {
     match next_event(s, framer, phase).await? {
         Event::Stanza(st) if st.name() == "stream:error" => Err(Fail::StreamError(child_name(&st))),
         Event::Stanza(st) => Ok(st),
@@ -224,7 +235,11 @@ async fn next_stanza<S: AsyncRead + Unpin>(s: &mut S, framer: &mut Framer, phase
     }
 }
 
-async fn expect_open<S: AsyncRead + Unpin>(s: &mut S, framer: &mut Framer, phase: Phase) -> Result<(), Fail> {
+async fn expect_open<S: AsyncRead + Unpin>(
+    s: &mut S,
+    framer: &mut Framer,
+    phase: Phase,
+) -> Result<(), Fail> {
     match next_event(s, framer, phase).await? {
         Event::StreamOpen(_) => Ok(()),
         Event::Stanza(st) if st.name() == "stream:error" => Err(Fail::StreamError(child_name(&st))),
@@ -233,7 +248,11 @@ async fn expect_open<S: AsyncRead + Unpin>(s: &mut S, framer: &mut Framer, phase
     }
 }
 
-async fn expect_features<S: AsyncRead + Unpin>(s: &mut S, framer: &mut Framer, phase: Phase) -> Result<Stanza, Fail> {
+async fn expect_features<S: AsyncRead + Unpin>(
+    s: &mut S,
+    framer: &mut Framer,
+    phase: Phase,
+) -> Result<Stanza, Fail> {
     let st = next_stanza(s, framer, phase).await?;
     if st.name() != "stream:features" {
         return Err(Fail::Unexpected(phase, st.name().to_string()));
@@ -242,7 +261,9 @@ async fn expect_features<S: AsyncRead + Unpin>(s: &mut S, framer: &mut Framer, p
 }
 
 fn child_name(st: &Stanza) -> String {
-    st.first_child().map(|(n, _)| n).unwrap_or_else(|| "unknown".into())
+    st.first_child()
+        .map(|(n, _)| n)
+        .unwrap_or_else(|| "unknown".into())
 }
 
 async fn send<S: AsyncWrite + Unpin>(s: &mut S, data: &[u8], phase: Phase) -> Result<(), Fail> {
@@ -259,7 +280,9 @@ pub async fn login(ctx: &Arc<ClientCtx>, i: u64, phase: &AtomicU8) -> Result<Ses
     let header = ctx.header();
 
     set(Phase::Connect);
-    let mut tcp = net::connect(ctx.server, ctx.source_ip(i)).await.map_err(Fail::Connect)?;
+    let mut tcp = net::connect(ctx.server, ctx.source_ip(i))
+        .await
+        .map_err(Fail::Connect)?;
 
     if ctx.mode == TlsMode::Starttls {
         set(Phase::StartTls);
@@ -267,7 +290,12 @@ pub async fn login(ctx: &Arc<ClientCtx>, i: u64, phase: &AtomicU8) -> Result<Ses
         send(&mut tcp, header.as_bytes(), Phase::StartTls).await?;
         expect_open(&mut tcp, &mut framer, Phase::StartTls).await?;
         expect_features(&mut tcp, &mut framer, Phase::StartTls).await?;
-        send(&mut tcp, format!("<starttls xmlns='{NS_TLS}'/>").as_bytes(), Phase::StartTls).await?;
+        send(
+            &mut tcp,
+            format!("<starttls xmlns='{NS_TLS}'/>").as_bytes(),
+            Phase::StartTls,
+        )
+        .await?;
         let st = next_stanza(&mut tcp, &mut framer, Phase::StartTls).await?;
         if st.name() != "proceed" {
             return Err(Fail::Unexpected(Phase::StartTls, st.name().to_string()));
@@ -275,7 +303,11 @@ pub async fn login(ctx: &Arc<ClientCtx>, i: u64, phase: &AtomicU8) -> Result<Ses
     }
 
     set(Phase::Tls);
-    let mut tls = ctx.connector.connect(ctx.server_name.clone(), tcp).await.map_err(Fail::Tls)?;
+    let mut tls = ctx
+        .connector
+        .connect(ctx.server_name.clone(), tcp)
+        .await
+        .map_err(Fail::Tls)?;
     let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
 
     set(Phase::Stream);
@@ -328,20 +360,36 @@ pub async fn login(ctx: &Arc<ClientCtx>, i: u64, phase: &AtomicU8) -> Result<Ses
     }
     send(&mut tls, b"<presence/>", Phase::Bind).await?;
     set(Phase::Hold);
-    Ok(Session { stream: tls, framer, resumed })
+    Ok(Session {
+        stream: tls,
+        framer,
+        resumed,
+    })
 }
 
 /// The defined condition inside an `<error/>` child, if it can be found cheaply.
 fn error_condition(st: &Stanza) -> String {
     let raw = String::from_utf8_lossy(st.raw());
-    let Some(pos) = raw.find("<error") else { return "no-error-element".into() };
+    let Some(pos) = raw.find("<error") else {
+        return "no-error-element".into();
+    };
     let rest = &raw[pos..];
-    let Some(close) = rest.find('>') else { return "unknown".into() };
+    let Some(close) = rest.find('>') else {
+        return "unknown".into();
+    };
     let inner = &rest[close + 1..];
-    let Some(lt) = inner.find('<') else { return "unknown".into() };
-    let name: String =
-        inner[lt + 1..].chars().take_while(|c| !c.is_whitespace() && *c != '/' && *c != '>').collect();
-    if name.is_empty() { "unknown".into() } else { name }
+    let Some(lt) = inner.find('<') else {
+        return "unknown".into();
+    };
+    let name: String = inner[lt + 1..]
+        .chars()
+        .take_while(|c| !c.is_whitespace() && *c != '/' && *c != '>')
+        .collect();
+    if name.is_empty() {
+        "unknown".into()
+    } else {
+        name
+    }
 }
 
 /// The reply to an XEP-0199 ping (`<iq type='get'><ping xmlns='urn:xmpp:ping'/></iq>`), if `st` is one.
@@ -355,7 +403,11 @@ pub fn ping_reply(st: &Stanza) -> Option<String> {
     }
     let id = st.id().unwrap_or_default();
     Some(match st.from() {
-        Some(from) => format!("<iq type='result' id='{}' to='{}'/>", escape(&id), escape(&from)),
+        Some(from) => format!(
+            "<iq type='result' id='{}' to='{}'/>",
+            escape(&id),
+            escape(&from)
+        ),
         None => format!("<iq type='result' id='{}'/>", escape(&id)),
     })
 }
@@ -386,8 +438,13 @@ mod tests {
 
     #[test]
     fn ping_is_answered() {
-        let st = stanza("<iq type='get' id='p&amp;1' from='localhost'><ping xmlns='urn:xmpp:ping'/></iq>");
-        assert_eq!(ping_reply(&st).unwrap(), "<iq type='result' id='p&amp;1' to='localhost'/>");
+        let st = stanza(
+            "<iq type='get' id='p&amp;1' from='localhost'><ping xmlns='urn:xmpp:ping'/></iq>",
+        );
+        assert_eq!(
+            ping_reply(&st).unwrap(),
+            "<iq type='result' id='p&amp;1' to='localhost'/>"
+        );
         let st = stanza("<iq type='get' id='x'><query xmlns='jabber:iq:version'/></iq>");
         assert!(ping_reply(&st).is_none());
         let st = stanza("<iq type='result' id='x'><ping xmlns='urn:xmpp:ping'/></iq>");

@@ -38,10 +38,19 @@ pub fn main(args: ConnectArgs) -> anyhow::Result<()> {
     let nofile = net::raise_nofile();
     let workers = match (args.worker_index, args.worker_count) {
         (Some(index), Some(count)) => return run_worker(args, index, count),
-        (None, None) => args.workers.0.unwrap_or_else(|| args.users.div_ceil(USERS_PER_WORKER).max(1)),
+        (None, None) => args
+            .workers
+            .0
+            .unwrap_or_else(|| args.users.div_ceil(USERS_PER_WORKER).max(1)),
         _ => bail!("--worker-index and --worker-count go together"),
     };
-    let per_process = args.users.div_ceil(workers.max(1));
+    let per_process = Share {
+        first: 0,
+        users: args.users,
+        index: 0,
+        count: workers.max(1),
+    }
+    .len();
     if per_process + 64 > nofile {
         eprintln!(
             "warning: {per_process} connections per process but the open-files limit is {nofile}; \
@@ -53,14 +62,25 @@ pub fn main(args: ConnectArgs) -> anyhow::Result<()> {
 }
 
 fn threads(args: &ConnectArgs) -> usize {
-    args.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)).max(1)
+    args.threads
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
+        .max(1)
 }
 
 fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
     let rt = if threads <= 1 {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()?
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
     } else {
-        tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()?
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()?
     };
     Ok(rt)
 }
@@ -72,7 +92,8 @@ fn client_ctx(args: &ConnectArgs) -> anyhow::Result<Arc<ClientCtx>> {
         _ => bail!("give exactly one of --password-pattern and --device-secret"),
     };
     let sni = args.sni.clone().unwrap_or_else(|| args.domain.clone());
-    let server_name = ServerName::try_from(sni).context("--sni / --domain is not a valid TLS server name")?;
+    let server_name =
+        ServerName::try_from(sni).context("--sni / --domain is not a valid TLS server name")?;
     let config = net::client_config(!args.no_resume, 1024, args.tls == TlsMode::Direct)?;
     Ok(Arc::new(ClientCtx {
         server: args.server,
@@ -116,7 +137,12 @@ fn run_worker(args: ConnectArgs, index: u64, count: u64) -> anyhow::Result<()> {
         let ctx = client_ctx(&args)?;
         let start = Instant::now();
         let timeout = Duration::from_secs_f64(args.timeout);
-        let share = Share { first: args.first_user, users: args.users, index, count };
+        let share = Share {
+            first: args.first_user,
+            users: args.users,
+            index,
+            count,
+        };
         let params = fleet_params(&args, share, start + timeout);
         let counters = Arc::new(Counters::default());
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -176,12 +202,25 @@ impl Fleet {
     fn start(args: &ConnectArgs, workers: u64, deadline: Instant) -> anyhow::Result<Fleet> {
         if workers <= 1 {
             let ctx = client_ctx(args)?;
-            let share = Share { first: args.first_user, users: args.users, index: 0, count: 1 };
+            let share = Share {
+                first: args.first_user,
+                users: args.users,
+                index: 0,
+                count: 1,
+            };
             let counters = Arc::new(Counters::default());
             let (stop, stop_rx) = watch::channel(false);
-            let task =
-                tokio::spawn(engine::run(ctx, fleet_params(args, share, deadline), counters.clone(), stop_rx));
-            return Ok(Fleet::Local { counters, stop, task });
+            let task = tokio::spawn(engine::run(
+                ctx,
+                fleet_params(args, share, deadline),
+                counters.clone(),
+                stop_rx,
+            ));
+            return Ok(Fleet::Local {
+                counters,
+                stop,
+                task,
+            });
         }
         client_ctx(args)?; // validate arguments once, before spawning anything
         let exe = std::env::current_exe().context("cannot find own executable")?;
@@ -222,14 +261,22 @@ impl Fleet {
             }));
             children.push(child);
         }
-        Ok(Fleet::Workers { children, stdins, latest, readers })
+        Ok(Fleet::Workers {
+            children,
+            stdins,
+            latest,
+            readers,
+        })
     }
 
     fn snapshot(&self) -> Snapshot {
         match self {
             Fleet::Local { counters, .. } => counters.snapshot(),
             Fleet::Workers { latest, .. } => {
-                let mut s = latest.lock().map(|l| Snapshot::sum(l.iter())).unwrap_or_default();
+                let mut s = latest
+                    .lock()
+                    .map(|l| Snapshot::sum(l.iter()))
+                    .unwrap_or_default();
                 s.cpu_ms += stats::cpu_ms("self").unwrap_or(0);
                 s
             }
@@ -242,7 +289,12 @@ impl Fleet {
                 let _ = stop.send(true);
                 Ok(task.await?)
             }
-            Fleet::Workers { mut children, stdins, readers, .. } => {
+            Fleet::Workers {
+                mut children,
+                stdins,
+                readers,
+                ..
+            } => {
                 drop(stdins); // EOF on stdin = stop
                 let mut total = FleetResult::default();
                 let mut first = true;
@@ -260,7 +312,10 @@ impl Fleet {
                     }
                 }
                 for c in &mut children {
-                    if tokio::time::timeout(Duration::from_secs(5), c.wait()).await.is_err() {
+                    if tokio::time::timeout(Duration::from_secs(5), c.wait())
+                        .await
+                        .is_err()
+                    {
                         let _ = c.start_kill();
                     }
                 }
@@ -294,16 +349,28 @@ async fn orchestrate(args: ConnectArgs, workers: u64) -> anyhow::Result<()> {
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(args.timeout);
     let cpu_start = stats::cpu_ms("self").unwrap_or(0);
-    let mut server = ServerWatch { pid: args.server_pid, ..ServerWatch::default() };
+    let mut server = ServerWatch {
+        pid: args.server_pid,
+        ..ServerWatch::default()
+    };
     if let Some(pid) = args.server_pid {
-        server.before = Some(server.sample().with_context(|| format!("cannot read /proc/{pid}/status and stat"))?);
+        server.before = Some(
+            server
+                .sample()
+                .with_context(|| format!("cannot read /proc/{pid}/status and stat"))?,
+        );
     }
 
     let fleet = Fleet::start(&args, workers, deadline)?;
     let fleet_start = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let mut next_print = fleet_start + Duration::from_secs(1);
-    let mut prev = (fleet_start, 0u64, server.before.map_or(0, |s| s.cpu_ms), cpu_start);
+    let mut prev = (
+        fleet_start,
+        0u64,
+        server.before.map_or(0, |s| s.cpu_ms),
+        cpu_start,
+    );
     let mut timed_out = false;
     loop {
         tick.tick().await;
@@ -314,7 +381,10 @@ async fn orchestrate(args: ConnectArgs, workers: u64) -> anyhow::Result<()> {
         }
         if now >= deadline {
             timed_out = true;
-            eprintln!("timeout: {} s elapsed before all logins finished", args.timeout);
+            eprintln!(
+                "timeout: {} s elapsed before all logins finished",
+                args.timeout
+            );
             break;
         }
         if now >= next_print {
@@ -338,7 +408,10 @@ async fn orchestrate(args: ConnectArgs, workers: u64) -> anyhow::Result<()> {
                 );
                 prev.2 = s.cpu_ms;
             }
-            line += &format!("  | bench cpu {:.0}%", snap.cpu_ms.saturating_sub(prev.3) as f64 / 10.0 / dt);
+            line += &format!(
+                "  | bench cpu {:.0}%",
+                snap.cpu_ms.saturating_sub(prev.3) as f64 / 10.0 / dt
+            );
             eprintln!("{line}");
             prev = (now, snap.ok, prev.2, snap.cpu_ms);
         }
@@ -378,15 +451,26 @@ async fn orchestrate(args: ConnectArgs, workers: u64) -> anyhow::Result<()> {
             }
             eprintln!("{line}");
         }
-        let wake = [next, hold_end, if sampled { hold_end } else { settle_at }].into_iter().min().unwrap_or(hold_end);
+        let wake = [next, hold_end, if sampled { hold_end } else { settle_at }]
+            .into_iter()
+            .min()
+            .unwrap_or(hold_end);
         tokio::time::sleep_until(wake.into()).await;
     }
     let result = fleet.stop().await?;
-    let report = Report::build(&args, workers, &result, &ramp_snap, &server, sessions_at_sample, Timing {
-        ramp_wall: ramp_end.duration_since(fleet_start),
-        harness_cpu_ms: ramp_snap.cpu_ms.saturating_sub(cpu_start),
-        timed_out,
-    });
+    let report = Report::build(
+        &args,
+        workers,
+        &result,
+        &ramp_snap,
+        &server,
+        sessions_at_sample,
+        Timing {
+            ramp_wall: ramp_end.duration_since(fleet_start),
+            harness_cpu_ms: ramp_snap.cpu_ms.saturating_sub(cpu_start),
+            timed_out,
+        },
+    );
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -407,6 +491,7 @@ struct Timing {
 
 #[derive(Debug, Serialize)]
 struct Latency {
+    samples: u64,
     p50_ms: f64,
     p90_ms: f64,
     p99_ms: f64,
@@ -496,11 +581,16 @@ impl Report {
                     rss_peak_kib: server.peak_rss_kib,
                     sessions_at_sample,
                     kib_per_session: (sessions_at_sample > 0).then(|| {
-                        round((after.rss_kib as f64 - before.rss_kib as f64) / sessions_at_sample as f64, 2)
+                        round(
+                            (after.rss_kib as f64 - before.rss_kib as f64)
+                                / sessions_at_sample as f64,
+                            2,
+                        )
                     }),
                     cpu_ramp_secs: cpu_ms as f64 / 1000.0,
                     cpu_ramp_util: round(cpu_ms as f64 / 1000.0 / wall, 3),
-                    cpu_us_per_login: (ramp.ok > 0).then(|| round(cpu_ms as f64 * 1000.0 / ramp.ok as f64, 1)),
+                    cpu_us_per_login: (ramp.ok > 0)
+                        .then(|| round(cpu_ms as f64 * 1000.0 / ramp.ok as f64, 1)),
                 })
             }
             _ => None,
@@ -521,8 +611,16 @@ impl Report {
             failures: r.failures.clone(),
             tls_resumed: s.resumed,
             ramp_secs: round(ramp_secs, 3),
-            login_rate: round(if ramp_secs > 0.0 { ramp.ok as f64 / ramp_secs } else { 0.0 }, 1),
+            login_rate: round(
+                if ramp_secs > 0.0 {
+                    ramp.ok as f64 / ramp_secs
+                } else {
+                    0.0
+                },
+                1,
+            ),
             latency: Latency {
+                samples: h.count(),
                 p50_ms: ms(h.quantile(0.5)),
                 p90_ms: ms(h.quantile(0.9)),
                 p99_ms: ms(h.quantile(0.99)),
@@ -541,7 +639,11 @@ impl Report {
     fn table(&self) -> String {
         let mut o = String::new();
         let mut row = |k: &str, v: String| o.push_str(&format!("  {k:<24} {v}\n"));
-        let rate = if self.rate_target > 0.0 { format!("{}/s", self.rate_target) } else { "max".into() };
+        let rate = if self.rate_target > 0.0 {
+            format!("{}/s", self.rate_target)
+        } else {
+            "max".into()
+        };
         row(
             "scenario",
             format!(
@@ -553,8 +655,20 @@ impl Report {
                 if self.timed_out { ", TIMED OUT" } else { "" }
             ),
         );
-        row("logins ok", format!("{} of {} attempted ({} failed)", self.ok, self.attempted, self.failed));
-        row("login rate", format!("{:.1} logins/s over {:.2} s", self.login_rate, self.ramp_secs));
+        row(
+            "logins ok",
+            format!(
+                "{} of {} attempted ({} failed)",
+                self.ok, self.attempted, self.failed
+            ),
+        );
+        row(
+            "login rate",
+            format!(
+                "{:.1} logins/s over {:.2} s",
+                self.login_rate, self.ramp_secs
+            ),
+        );
         let l = &self.latency;
         row(
             "login latency",
@@ -567,23 +681,40 @@ impl Report {
         for (k, v) in &self.failures {
             row("failure", format!("{v:>7}  {k}"));
         }
-        row("dropped while holding", self.dropped_during_hold.to_string());
+        row(
+            "dropped while holding",
+            self.dropped_during_hold.to_string(),
+        );
         for (k, v) in &self.drops {
             row("drop", format!("{v:>7}  {k}"));
         }
         row("pings answered", self.pings_answered.to_string());
-        row("bench CPU during ramp", format!("{:.0}% of one core", self.harness_cpu_ramp_util * 100.0));
+        row(
+            "bench CPU during ramp",
+            format!("{:.0}% of one core", self.harness_cpu_ramp_util * 100.0),
+        );
         if let Some(s) = &self.server_process {
             row("server pid", s.pid.to_string());
-            row("server RSS before", format!("{:.1} MiB", s.rss_before_kib as f64 / 1024.0));
+            row(
+                "server RSS before",
+                format!("{:.1} MiB", s.rss_before_kib as f64 / 1024.0),
+            );
             row(
                 "server RSS idle",
-                format!("{:.1} MiB with {} sessions", s.rss_after_kib as f64 / 1024.0, s.sessions_at_sample),
+                format!(
+                    "{:.1} MiB with {} sessions",
+                    s.rss_after_kib as f64 / 1024.0,
+                    s.sessions_at_sample
+                ),
             );
-            row("server RSS peak", format!("{:.1} MiB", s.rss_peak_kib as f64 / 1024.0));
+            row(
+                "server RSS peak",
+                format!("{:.1} MiB", s.rss_peak_kib as f64 / 1024.0),
+            );
             row(
                 "server KiB per session",
-                s.kib_per_session.map_or("n/a".into(), |k| format!("{k:.2}")),
+                s.kib_per_session
+                    .map_or("n/a".into(), |k| format!("{k:.2}")),
             );
             row(
                 "server CPU during ramp",
@@ -591,7 +722,8 @@ impl Report {
                     "{:.2} s ({:.0}% of one core), {} per login",
                     s.cpu_ramp_secs,
                     s.cpu_ramp_util * 100.0,
-                    s.cpu_us_per_login.map_or("n/a".into(), |u| format!("{u:.0} µs"))
+                    s.cpu_us_per_login
+                        .map_or("n/a".into(), |u| format!("{u:.0} µs"))
                 ),
             );
         }

@@ -25,7 +25,11 @@ pub struct Share {
 
 impl Share {
     pub fn len(&self) -> u64 {
-        if self.index >= self.users { 0 } else { (self.users - self.index).div_ceil(self.count) }
+        if self.index >= self.users {
+            0
+        } else {
+            (self.users - self.index).div_ceil(self.count)
+        }
     }
 }
 
@@ -41,7 +45,10 @@ pub struct FleetParams {
 }
 
 pub fn now_us() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
 }
 
 /// Cumulative counters of one process.
@@ -92,7 +99,10 @@ impl Snapshot {
 
     /// Sum of per-process snapshots (ramp_done only when all are done).
     pub fn sum<'a>(all: impl IntoIterator<Item = &'a Snapshot>) -> Snapshot {
-        let mut out = Snapshot { ramp_done: true, ..Snapshot::default() };
+        let mut out = Snapshot {
+            ramp_done: true,
+            ..Snapshot::default()
+        };
         let mut any = false;
         for s in all {
             any = true;
@@ -105,7 +115,9 @@ impl Snapshot {
             out.resumed += s.resumed;
             out.ramp_done &= s.ramp_done;
             out.cpu_ms += s.cpu_ms;
-            if s.first_start_us != 0 && (out.first_start_us == 0 || s.first_start_us < out.first_start_us) {
+            if s.first_start_us != 0
+                && (out.first_start_us == 0 || s.first_start_us < out.first_start_us)
+            {
                 out.first_start_us = s.first_start_us;
             }
             out.last_ok_us = out.last_ok_us.max(s.last_ok_us);
@@ -135,6 +147,11 @@ impl FleetResult {
             *self.drops.entry(k.clone()).or_default() += v;
         }
     }
+}
+
+/// Resolves once the stop flag is true (or its sender is gone).
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|v| *v).await;
 }
 
 fn bump(map: &Mutex<BTreeMap<String, u64>>, key: String) {
@@ -189,13 +206,13 @@ pub async fn run(
         }
         let permit = tokio::select! {
             p = sem.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            _ = stop.wait_for(|v| *v) => break,
+            _ = stopped(&mut stop) => break,
         };
         if params.rate > 0.0 {
             let due = t0 + Duration::from_secs_f64(launched as f64 / params.rate);
             tokio::select! {
                 _ = tokio::time::sleep_until(due) => {}
-                _ = stop.wait_for(|v| *v) => break,
+                _ = stopped(&mut stop) => break,
             }
         }
         let i = share.first + j;
@@ -213,10 +230,10 @@ pub async fn run(
     // Wait for the in-flight logins (each bounded by the login timeout) unless told to stop.
     tokio::select! {
         _ = sem.acquire_many(params.concurrency.max(1) as u32) => {}
-        _ = stop.wait_for(|v| *v) => {}
+        _ = stopped(&mut stop) => {}
     }
     counters.ramp_done.store(true, Ordering::Release);
-    let _ = stop.wait_for(|v| *v).await;
+    stopped(&mut stop).await;
     // Clients see the same stop signal and close; give them a moment to do it politely.
     let until = Instant::now() + Duration::from_secs(10);
     while counters.live.load(Ordering::Relaxed) > 0 && Instant::now() < until {
@@ -235,13 +252,16 @@ async fn client_task(
 ) {
     let phase = AtomicU8::new(Phase::Connect as u8);
     let start = Instant::now();
-    let _ = counters.first_start_us.compare_exchange(0, now_us(), Ordering::Relaxed, Ordering::Relaxed);
+    let _ =
+        counters
+            .first_start_us
+            .compare_exchange(0, now_us(), Ordering::Relaxed, Ordering::Relaxed);
     let outcome = tokio::select! {
         r = tokio::time::timeout(login_timeout, client::login(&ctx, i, &phase)) => match r {
             Ok(r) => r.map_err(|f| f.reason()),
             Err(_) => Err(format!("timeout:{}", Phase::from_u8(phase.load(Ordering::Relaxed)).name())),
         },
-        _ = stop.wait_for(|v| *v) => {
+        _ = stopped(&mut stop) => {
             Err(format!("aborted:{}", Phase::from_u8(phase.load(Ordering::Relaxed)).name()))
         }
     };
@@ -273,10 +293,14 @@ async fn client_task(
 }
 
 /// Idle in the session, answering pings, until stopped (→ None) or the session is lost (→ reason).
-async fn hold(mut s: Session, counters: &Counters, mut stop: watch::Receiver<bool>) -> Option<String> {
+async fn hold(
+    mut s: Session,
+    counters: &Counters,
+    mut stop: watch::Receiver<bool>,
+) -> Option<String> {
     loop {
         tokio::select! {
-            _ = stop.wait_for(|v| *v) => break,
+            _ = stopped(&mut stop) => break,
             ev = client::next_event(&mut s.stream, &mut s.framer, Phase::Hold) => match ev {
                 Ok(Event::Stanza(st)) => {
                     if st.name() == "stream:error" {
@@ -315,7 +339,17 @@ mod tests {
     fn shares_partition_users() {
         for users in [0u64, 1, 7, 10, 18_001] {
             for count in 1..5u64 {
-                let total: u64 = (0..count).map(|index| Share { first: 0, users, index, count }.len()).sum();
+                let total: u64 = (0..count)
+                    .map(|index| {
+                        Share {
+                            first: 0,
+                            users,
+                            index,
+                            count,
+                        }
+                        .len()
+                    })
+                    .sum();
                 assert_eq!(total, users, "users {users} count {count}");
             }
         }
@@ -323,10 +357,25 @@ mod tests {
 
     #[test]
     fn snapshot_sum() {
-        let a = Snapshot { ok: 2, ramp_done: true, first_start_us: 10, last_ok_us: 50, ..Default::default() };
-        let b = Snapshot { ok: 3, ramp_done: false, first_start_us: 5, last_ok_us: 40, ..Default::default() };
+        let a = Snapshot {
+            ok: 2,
+            ramp_done: true,
+            first_start_us: 10,
+            last_ok_us: 50,
+            ..Default::default()
+        };
+        let b = Snapshot {
+            ok: 3,
+            ramp_done: false,
+            first_start_us: 5,
+            last_ok_us: 40,
+            ..Default::default()
+        };
         let s = Snapshot::sum([&a, &b]);
-        assert_eq!((s.ok, s.ramp_done, s.first_start_us, s.last_ok_us), (5, false, 5, 50));
+        assert_eq!(
+            (s.ok, s.ramp_done, s.first_start_us, s.last_ok_us),
+            (5, false, 5, 50)
+        );
         assert!(Snapshot::sum([&a]).ramp_done);
         assert!(!Snapshot::sum([]).ramp_done);
     }

@@ -18,7 +18,11 @@ use crate::client::TlsMode;
 use crate::net::SourceIps;
 
 #[derive(Debug, Parser)]
-#[command(name = "tern-bench", version, about = "XMPP load client for benchmarking Tern")]
+#[command(
+    name = "tern-bench",
+    version,
+    about = "XMPP load client for benchmarking Tern"
+)]
 struct Cli {
     #[command(subcommand)]
     scenario: Scenario,
@@ -75,7 +79,11 @@ pub struct ConnectArgs {
     #[arg(long, default_value = "bench-{i}")]
     pub user_pattern: String,
     /// Password pattern; `{i}` is the user index, `{user}` the username.
-    #[arg(long, conflicts_with = "device_secret", required_unless_present = "device_secret")]
+    #[arg(
+        long,
+        conflicts_with = "device_secret",
+        required_unless_present = "device_secret"
+    )]
     pub password_pattern: Option<String>,
     /// Use device credentials: password = hex(HMAC-SHA256(secret, "user@domain")).
     #[arg(long, env = "TERN_BENCH_DEVICE_SECRET", hide_env_values = true)]
@@ -149,7 +157,15 @@ mod tests {
         assert_eq!(a.source_ips.0.len(), 5);
         assert_eq!(a.workers.0, Some(2));
         assert!(
-            Cli::try_parse_from(["tern-bench", "connect", "--password-pattern", "x", "--device-secret", "y"]).is_err()
+            Cli::try_parse_from([
+                "tern-bench",
+                "connect",
+                "--password-pattern",
+                "x",
+                "--device-secret",
+                "y"
+            ])
+            .is_err()
         );
     }
 }

@@ -5,8 +5,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::Resumption;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
@@ -48,7 +48,11 @@ impl SourceIps {
 /// Connect to `server` from `src` (port chosen by the kernel at connect time, so each source
 /// address gives a full ephemeral port range per destination), with `TCP_NODELAY`.
 pub async fn connect(server: SocketAddr, src: IpAddr) -> std::io::Result<TcpStream> {
-    let sock = if server.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    let sock = if server.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
     if !src.is_unspecified() {
         // IP_BIND_ADDRESS_NO_PORT: defer port allocation to connect(), otherwise bind() reserves
         // a port for the address alone and the range is exhausted after ~28k sockets per address.
@@ -114,15 +118,22 @@ impl ServerCertVerifier for AcceptAnything {
 
 /// One client configuration shared by all connections of the process. With `resume`, a shared
 /// in-memory session store lets later connections resume TLS sessions like reconnecting clients.
-pub fn client_config(resume: bool, sessions: usize, alpn: bool) -> anyhow::Result<Arc<ClientConfig>> {
+pub fn client_config(
+    resume: bool,
+    sessions: usize,
+    alpn: bool,
+) -> anyhow::Result<Arc<ClientConfig>> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut cfg = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(AcceptAnything(provider)))
         .with_no_client_auth();
-    cfg.resumption =
-        if resume { Resumption::in_memory_sessions(sessions.max(256)) } else { Resumption::disabled() };
+    cfg.resumption = if resume {
+        Resumption::in_memory_sessions(sessions.max(256))
+    } else {
+        Resumption::disabled()
+    };
     if alpn {
         // XEP-0368 direct TLS clients announce ALPN "xmpp-client".
         cfg.alpn_protocols = vec![b"xmpp-client".to_vec()];
@@ -132,14 +143,20 @@ pub fn client_config(resume: bool, sessions: usize, alpn: bool) -> anyhow::Resul
 
 /// Raise the soft open-files limit to the hard limit; returns the new soft limit.
 pub fn raise_nofile() -> u64 {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: `lim` is a valid rlimit out-parameter.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
             return 1024;
         }
         if lim.rlim_cur < lim.rlim_max {
-            let want = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+            let want = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
             if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
                 lim.rlim_cur = lim.rlim_max;
             }

@@ -67,7 +67,11 @@ impl Histogram {
     }
 
     pub fn mean(&self) -> f64 {
-        if self.count == 0 { 0.0 } else { self.sum as f64 / self.count as f64 }
+        if self.count == 0 {
+            0.0
+        } else {
+            self.sum as f64 / self.count as f64
+        }
     }
 
     /// Value at quantile `q` (0..=1): the smallest recorded bucket whose cumulative count reaches
@@ -124,7 +128,10 @@ pub fn rss_kib(pid: &str) -> Option<u64> {
 
 pub fn sample(pid: u32) -> Option<ProcSample> {
     let p = pid.to_string();
-    Some(ProcSample { rss_kib: rss_kib(&p)?, cpu_ms: cpu_ms(&p)? })
+    Some(ProcSample {
+        rss_kib: rss_kib(&p)?,
+        cpu_ms: cpu_ms(&p)?,
+    })
 }
 
 #[cfg(test)]
