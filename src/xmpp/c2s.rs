@@ -999,7 +999,10 @@ mod tests {
             "<iq type='get' id='p' to='bob@localhost'><ping xmlns='urn:xmpp:ping'/></iq>",
             w.t0,
         );
-        assert!(r.contains("type='result'") && r.contains("from='bob@localhost'"), "{r}");
+        assert!(
+            r.contains("type='result'") && r.contains("from='bob@localhost'"),
+            "{r}"
+        );
         let r = c.send(
             "<iq type='get' id='r' to='bob@localhost'><query xmlns='jabber:iq:roster'/></iq>",
             w.t0,
@@ -1009,7 +1012,10 @@ mod tests {
             "<iq type='get' id='r2' to='alice@localhost'><query xmlns='jabber:iq:roster'/></iq>",
             w.t0,
         );
-        assert!(r.contains("type='result'") && r.contains("jabber:iq:roster"), "{r}");
+        assert!(
+            r.contains("type='result'") && r.contains("jabber:iq:roster"),
+            "{r}"
+        );
         let r = c.send(
             "<iq type='get' id='d' to='bob@localhost'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>",
             w.t0,

@@ -81,8 +81,8 @@ pub fn handle(stanza: &Stanza, me: &FullJid, domain: &str, to: Option<&Jid>) -> 
             )),
             // Roster pushes are not supported: RFC 6121 §2.3.3 allows refusing.
             (false, "jabber:iq:roster", "query") if own => Err(DefinedCondition::NotAllowed),
-        // RFC 6121 §2.1.5: another user's roster is not for this client.
-        (_, "jabber:iq:roster", "query") => Err(DefinedCondition::Forbidden),
+            // RFC 6121 §2.1.5: another user's roster is not for this client.
+            (_, "jabber:iq:roster", "query") => Err(DefinedCondition::Forbidden),
             // RFC 3921 §3 legacy session establishment; RFC 6121 Appendix E: answer with success.
             (false, "urn:ietf:params:xml:ns:xmpp-session", "session") => Ok(None),
             // Re-binding after the session is bound is not allowed (RFC 6120 §7.7.2.2).
