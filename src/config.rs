@@ -161,6 +161,8 @@ pub struct LimitsConfig {
     pub max_connections_per_ip: usize,
     /// Sustained inbound bytes per second per session (token bucket; 0 = unlimited).
     pub inbound_bytes_per_sec: usize,
+    /// Simultaneously connected resources of one account (0 = unlimited); more gets `resource-constraint`.
+    pub max_resources_per_account: usize,
     /// Burst size of the inbound token bucket, in bytes.
     pub inbound_burst_bytes: usize,
 }
@@ -175,6 +177,7 @@ impl Default for LimitsConfig {
             tls_handshake_timeout_secs: 10,
             max_connections_per_ip: 5000,
             inbound_bytes_per_sec: 64 * 1024,
+            max_resources_per_account: 100,
             inbound_burst_bytes: 512 * 1024,
         }
     }

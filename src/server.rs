@@ -59,7 +59,9 @@ impl Server {
         }
         let tls = Tls::load(&config.server, &config.tls)?;
         let store = Arc::new(AccountStore::open(&config.server.data_dir)?);
-        let router = Arc::new(Router::new());
+        let router = Arc::new(Router::with_max_resources(
+            config.limits.max_resources_per_account,
+        ));
         let auth = Arc::new(Authenticator::new(
             &config.server.domain,
             &config.auth,

@@ -954,3 +954,24 @@ async fn sigterm_exits_despite_a_stuck_client() {
     assert_eq!(status.code(), Some(0), "exit status: {status}");
     drop(stuck);
 }
+
+/// `limits.max_resources_per_account`: one resource too many gets `resource-constraint` on bind
+/// (RFC 6120 §7.6.2.1); the account's other sessions and the server carry on.
+#[tokio::test]
+async fn resources_per_account_cap() {
+    let server = TestServer::start("[limits]\nmax_resources_per_account = 2\n");
+    let bare = format!("multi@{DOMAIN}");
+    let mut first = server.login_device(&bare, "one").await;
+    let _second = server.login_device(&bare, "two").await;
+    let password = server.device_password(&bare);
+    let err = server
+        .login_plain(Transport::DirectTls, &bare, &password, "three")
+        .await
+        .err()
+        .expect("a third resource must be refused");
+    assert!(err.contains("resource-constraint"), "{err}");
+    // Replacing an existing resource is still allowed at the cap.
+    let _two_again = server.login_device(&bare, "two").await;
+    first.ping_server("still-there").await;
+    server.assert_alive().await;
+}

@@ -505,9 +505,17 @@ impl C2s {
             // RFC 6120 §7.7.2.1: a resource that cannot be processed is `bad-request`.
             return self.write(iq_error(id, None, "modify", "bad-request"));
         };
-        if let Some(old) = self.ctx.router.bind(&jid, self.handle.clone()) {
+        match self.ctx.router.bind(&jid, self.handle.clone()) {
             // RFC 6120 §7.7.2.2: override the old session; it gets <conflict/>.
-            old.kick(Kick::Conflict);
+            Ok(Some(old)) => old.kick(Kick::Conflict),
+            Ok(None) => {}
+            Err(e) => {
+                metrics::counter!("tern_limit_hits_total", "limit" => "max_resources_per_account")
+                    .increment(1);
+                tracing::info!(peer = %self.peer, jid = %jid, "bind refused: {e}");
+                // RFC 6120 §7.6.2.1: resource-constraint, the client may try again later.
+                return self.write(iq_error(id, None, "wait", "resource-constraint"));
+            }
         }
         metrics::gauge!("tern_sessions").increment(1.0);
         metrics::counter!("tern_logins_total").increment(1);
@@ -776,7 +784,7 @@ mod tests {
         };
         let ctx = Arc::new(C2sContext {
             domain: "localhost".into(),
-            router: Arc::new(Router::new()),
+            router: Arc::new(Router::with_max_resources(3)),
             auth: Arc::new(Authenticator::new("localhost", &cfg, store)),
             throttle: Arc::new(AuthThrottle::new(&cfg)),
             preauth_timeout: Duration::from_secs(30),
@@ -1217,6 +1225,30 @@ mod tests {
             1,
             "the replacement survives the old one's cleanup"
         );
+    }
+
+    #[test]
+    fn resource_limit_gives_resource_constraint() {
+        let w = world();
+        let _a = Client::login(&w, "alice", "pencil", "1");
+        let _b = Client::login(&w, "alice", "pencil", "2");
+        let _c = Client::login(&w, "alice", "pencil", "3");
+        let mut d = Client::new(&w, true);
+        d.send(HDR, w.t0);
+        let auth = B64.encode("\0alice\0pencil");
+        d.send(
+            &format!("<auth xmlns='{NS_SASL}' mechanism='PLAIN'>{auth}</auth>"),
+            w.t0,
+        );
+        d.send(HDR, w.t0);
+        let r = d.send(
+            &format!(
+                "<iq type='set' id='b'><bind xmlns='{NS_BIND}'><resource>4</resource></bind></iq>"
+            ),
+            w.t0,
+        );
+        assert!(r.contains("<resource-constraint"), "{r}");
+        assert_eq!(w.ctx.router.session_count(), 3);
     }
 
     #[test]

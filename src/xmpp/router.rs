@@ -132,11 +132,32 @@ impl MessageType {
 #[derive(Debug, Default)]
 pub struct Router {
     accounts: DashMap<BareJid, Vec<Resource>>,
+    /// Simultaneous resources per account; 0 = unlimited.
+    max_resources: usize,
+}
+
+/// Why a resource could not be bound.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BindError {
+    /// RFC 6120 §7.6.2.1: the account reached its limit of connected resources.
+    #[error(
+        "the account already has {limit} connected resources (limits.max_resources_per_account)"
+    )]
+    TooManyResources { limit: usize },
 }
 
 impl Router {
+    /// A registry without a per-account resource limit.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A registry that refuses more than `max_resources` simultaneous resources per account (0 = no limit).
+    pub fn with_max_resources(max_resources: usize) -> Self {
+        Self {
+            max_resources,
+            ..Self::default()
+        }
     }
 
     /// Number of bound sessions (all resources of all accounts).
@@ -145,7 +166,11 @@ impl Router {
     }
 
     /// Register `full`; returns the session it replaced, which the caller kicks with `conflict`.
-    pub fn bind(&self, full: &FullJid, handle: Arc<SessionHandle>) -> Option<Arc<SessionHandle>> {
+    pub fn bind(
+        &self,
+        full: &FullJid,
+        handle: Arc<SessionHandle>,
+    ) -> Result<Option<Arc<SessionHandle>>, BindError> {
         let mut entry = self.accounts.entry(full.to_bare()).or_default();
         let name = full.resource().as_str();
         let new = Resource {
@@ -153,11 +178,17 @@ impl Router {
             handle,
             presence: None,
         };
+        let count = entry.len();
         match entry.iter_mut().find(|r| r.name == name) {
-            Some(old) => Some(std::mem::replace(old, new).handle),
+            Some(old) => Ok(Some(std::mem::replace(old, new).handle)),
+            None if self.max_resources > 0 && count >= self.max_resources => {
+                Err(BindError::TooManyResources {
+                    limit: self.max_resources,
+                })
+            }
             None => {
                 entry.push(new);
-                None
+                Ok(None)
             }
         }
     }
@@ -350,7 +381,7 @@ mod tests {
     fn full_jid_delivery_and_fallback_to_bare() {
         let r = Router::new();
         let (h, mut rx) = session(4);
-        assert!(r.bind(&full("a@d/x"), h).is_none());
+        assert!(r.bind(&full("a@d/x"), h).unwrap().is_none());
         assert_eq!(
             r.route(&jid("a@d/x"), CHAT, Bytes::from_static(b"1")),
             Delivery::Delivered(1)
@@ -383,9 +414,9 @@ mod tests {
         let (h1, mut rx1) = session(4);
         let (h2, mut rx2) = session(4);
         let (h3, mut rx3) = session(4);
-        r.bind(&full("a@d/1"), h1);
-        r.bind(&full("a@d/2"), h2);
-        r.bind(&full("a@d/3"), h3);
+        r.bind(&full("a@d/1"), h1).unwrap();
+        r.bind(&full("a@d/2"), h2).unwrap();
+        r.bind(&full("a@d/3"), h3).unwrap();
         r.set_presence(&full("a@d/1"), Some((5, Bytes::new())));
         r.set_presence(&full("a@d/2"), Some((5, Bytes::new())));
         r.set_presence(&full("a@d/3"), Some((-1, Bytes::new())));
@@ -423,8 +454,8 @@ mod tests {
         let (h1, _rx1) = session(1);
         let (h2, mut rx2) = session(1);
         let id1 = h1.id;
-        r.bind(&full("a@d/x"), h1);
-        let old = r.bind(&full("a@d/x"), h2).expect("replaced");
+        r.bind(&full("a@d/x"), h1).unwrap();
+        let old = r.bind(&full("a@d/x"), h2).unwrap().expect("replaced");
         assert_eq!(old.id, id1);
         r.unbind(&full("a@d/x"), id1); // the old session's cleanup must not remove the new one
         assert_eq!(r.session_count(), 1);
@@ -436,10 +467,27 @@ mod tests {
     }
 
     #[test]
+    fn resource_limit_per_account() {
+        let r = Router::with_max_resources(2);
+        let (h1, _r1) = session(1);
+        let (h2, _r2) = session(1);
+        let (h3, _r3) = session(1);
+        let (h4, _r4) = session(1);
+        r.bind(&full("a@d/1"), h1).unwrap();
+        r.bind(&full("a@d/2"), h2).unwrap();
+        assert_eq!(
+            r.bind(&full("a@d/3"), h3).unwrap_err(),
+            BindError::TooManyResources { limit: 2 }
+        );
+        // Replacing an existing resource is still allowed at the limit.
+        assert!(r.bind(&full("a@d/2"), h4).unwrap().is_some());
+    }
+
+    #[test]
     fn full_queue_is_reported_not_grown() {
         let r = Router::new();
         let (h, _rx) = session(1);
-        r.bind(&full("a@d/x"), h);
+        r.bind(&full("a@d/x"), h).unwrap();
         assert_eq!(
             r.route(&jid("a@d/x"), Kind::Iq, Bytes::new()),
             Delivery::Delivered(1)

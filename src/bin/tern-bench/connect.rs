@@ -94,7 +94,12 @@ fn client_ctx(args: &ConnectArgs) -> anyhow::Result<Arc<ClientCtx>> {
     let sni = args.sni.clone().unwrap_or_else(|| args.domain.clone());
     let server_name =
         ServerName::try_from(sni).context("--sni / --domain is not a valid TLS server name")?;
-    let config = net::client_config(!args.no_resume, 1024, args.tls == TlsMode::Direct)?;
+    let config = net::client_config(
+        !args.no_resume,
+        1024,
+        args.tls == TlsMode::Direct,
+        args.prefer_suite,
+    )?;
     Ok(Arc::new(ClientCtx {
         server: args.server,
         mode: args.tls,
@@ -530,6 +535,8 @@ struct Report {
     failed: u64,
     failures: BTreeMap<String, u64>,
     tls_resumed: u64,
+    /// Protocol version, cipher suite and key exchange of the first session.
+    tls_params: Option<String>,
     /// First connect start to last bind result.
     ramp_secs: f64,
     login_rate: f64,
@@ -610,6 +617,7 @@ impl Report {
             failed: s.failed,
             failures: r.failures.clone(),
             tls_resumed: s.resumed,
+            tls_params: r.tls_params.clone(),
             ramp_secs: round(ramp_secs, 3),
             login_rate: round(
                 if ramp_secs > 0.0 {
@@ -677,6 +685,7 @@ impl Report {
                 l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms, l.mean_ms
             ),
         );
+        row("TLS", self.tls_params.clone().unwrap_or_else(|| "n/a".into()));
         row("TLS sessions resumed", self.tls_resumed.to_string());
         for (k, v) in &self.failures {
             row("failure", format!("{v:>7}  {k}"));

@@ -71,6 +71,7 @@ pub struct Counters {
     pub hist: Mutex<Histogram>,
     pub failures: Mutex<BTreeMap<String, u64>>,
     pub drops: Mutex<BTreeMap<String, u64>>,
+    pub tls_params: Mutex<Option<String>>,
 }
 
 /// Point-in-time view of the counters (also the worker → parent progress message).
@@ -134,6 +135,7 @@ pub struct FleetResult {
     pub latency_us: Histogram,
     pub failures: BTreeMap<String, u64>,
     pub drops: BTreeMap<String, u64>,
+    pub tls_params: Option<String>,
 }
 
 impl FleetResult {
@@ -145,6 +147,9 @@ impl FleetResult {
         }
         for (k, v) in &other.drops {
             *self.drops.entry(k.clone()).or_default() += v;
+        }
+        if self.tls_params.is_none() {
+            self.tls_params = other.tls_params.clone();
         }
     }
 }
@@ -183,6 +188,7 @@ impl Counters {
             latency_us: self.hist.lock().map(|h| h.clone()).unwrap_or_default(),
             failures: self.failures.lock().map(|m| m.clone()).unwrap_or_default(),
             drops: self.drops.lock().map(|m| m.clone()).unwrap_or_default(),
+            tls_params: self.tls_params.lock().map(|m| m.clone()).unwrap_or_default(),
         }
     }
 }
@@ -277,6 +283,18 @@ async fn client_task(
     let us = start.elapsed().as_micros() as u64;
     if let Ok(mut h) = counters.hist.lock() {
         h.record(us);
+    }
+    if let Ok(mut p) = counters.tls_params.lock()
+        && p.is_none()
+    {
+        let c = session.stream.get_ref().1;
+        let opt = |o: Option<String>| o.unwrap_or_else(|| "?".into());
+        *p = Some(format!(
+            "{} {} {}",
+            opt(c.protocol_version().map(|v| format!("{v:?}"))),
+            opt(c.negotiated_cipher_suite().map(|s| format!("{:?}", s.suite()))),
+            opt(c.negotiated_key_exchange_group().map(|g| format!("{:?}", g.name()))),
+        ));
     }
     if session.resumed {
         counters.resumed.fetch_add(1, Ordering::Relaxed);

@@ -17,6 +17,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::client::TlsMode;
 use crate::net::SourceIps;
 
+
 #[derive(Debug, Parser)]
 #[command(
     name = "tern-bench",
@@ -113,6 +114,9 @@ pub struct ConnectArgs {
     /// Do not resume TLS sessions (by default all clients share one session cache).
     #[arg(long)]
     pub no_resume: bool,
+    /// TLS 1.3 cipher suite to offer first.
+    #[arg(long, value_enum, default_value = "default")]
+    pub prefer_suite: net::SuitePref,
     /// Worker processes (`auto` = one per 18,000 users; each process may hold ~19,000 sockets).
     #[arg(long, default_value = "auto", value_parser = parse_workers)]
     pub workers: WorkerCount,

@@ -118,12 +118,37 @@ impl ServerCertVerifier for AcceptAnything {
 
 /// One client configuration shared by all connections of the process. With `resume`, a shared
 /// in-memory session store lets later connections resume TLS sessions like reconnecting clients.
+/// Which TLS 1.3 cipher suite the client offers first (the server normally follows the client).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SuitePref {
+    /// rustls' order (AES-256-GCM-SHA384 first).
+    Default,
+    /// TLS13_AES_128_GCM_SHA256 first (BoringSSL/Android order).
+    Aes128,
+    /// TLS13_AES_256_GCM_SHA384 first.
+    Aes256,
+    /// TLS13_CHACHA20_POLY1305_SHA256 first.
+    Chacha20,
+}
+
 pub fn client_config(
     resume: bool,
     sessions: usize,
     alpn: bool,
+    suite: SuitePref,
 ) -> anyhow::Result<Arc<ClientConfig>> {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    let first = match suite {
+        SuitePref::Default => None,
+        SuitePref::Aes128 => Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256),
+        SuitePref::Aes256 => Some(rustls::CipherSuite::TLS13_AES_256_GCM_SHA384),
+        SuitePref::Chacha20 => Some(rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256),
+    };
+    if let Some(first) = first {
+        // Stable sort: the chosen suite first, the rest in rustls' order.
+        provider.cipher_suites.sort_by_key(|s| s.suite() != first);
+    }
+    let provider = Arc::new(provider);
     let mut cfg = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?
         .dangerous()
