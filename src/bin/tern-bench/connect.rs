@@ -685,7 +685,10 @@ impl Report {
                 l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms, l.mean_ms
             ),
         );
-        row("TLS", self.tls_params.clone().unwrap_or_else(|| "n/a".into()));
+        row(
+            "TLS",
+            self.tls_params.clone().unwrap_or_else(|| "n/a".into()),
+        );
         row("TLS sessions resumed", self.tls_resumed.to_string());
         for (k, v) in &self.failures {
             row("failure", format!("{v:>7}  {k}"));

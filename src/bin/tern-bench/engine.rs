@@ -188,7 +188,11 @@ impl Counters {
             latency_us: self.hist.lock().map(|h| h.clone()).unwrap_or_default(),
             failures: self.failures.lock().map(|m| m.clone()).unwrap_or_default(),
             drops: self.drops.lock().map(|m| m.clone()).unwrap_or_default(),
-            tls_params: self.tls_params.lock().map(|m| m.clone()).unwrap_or_default(),
+            tls_params: self
+                .tls_params
+                .lock()
+                .map(|m| m.clone())
+                .unwrap_or_default(),
         }
     }
 }
@@ -292,8 +296,12 @@ async fn client_task(
         *p = Some(format!(
             "{} {} {}",
             opt(c.protocol_version().map(|v| format!("{v:?}"))),
-            opt(c.negotiated_cipher_suite().map(|s| format!("{:?}", s.suite()))),
-            opt(c.negotiated_key_exchange_group().map(|g| format!("{:?}", g.name()))),
+            opt(c
+                .negotiated_cipher_suite()
+                .map(|s| format!("{:?}", s.suite()))),
+            opt(c
+                .negotiated_key_exchange_group()
+                .map(|g| format!("{:?}", g.name()))),
         ));
     }
     if session.resumed {

@@ -17,7 +17,6 @@ use clap::{Args, Parser, Subcommand};
 use crate::client::TlsMode;
 use crate::net::SourceIps;
 
-
 #[derive(Debug, Parser)]
 #[command(
     name = "tern-bench",

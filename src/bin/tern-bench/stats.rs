@@ -75,12 +75,15 @@ impl Histogram {
     }
 
     /// Value at quantile `q` (0..=1): the smallest recorded bucket whose cumulative count reaches
-    /// `ceil(q * count)`. Never larger than the exact maximum.
+    /// `ceil(q * count)`. Never larger than the exact maximum; the top rank is the exact maximum.
     pub fn quantile(&self, q: f64) -> u64 {
         if self.count == 0 {
             return 0;
         }
         let rank = ((q * self.count as f64).ceil() as u64).clamp(1, self.count);
+        if rank == self.count {
+            return self.max;
+        }
         let mut seen = 0;
         for (b, c) in &self.buckets {
             seen += c;
