@@ -194,14 +194,26 @@ fn build_config(
     cache: &Arc<dyn StoresServerSessions>,
     alpn: Vec<Vec<u8>>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut cfg = ServerConfig::builder_with_provider(provider)
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    // Prefer AES-128-GCM with SHA-256: as secure for this purpose as AES-256-GCM-SHA384 and cheaper per
+    // handshake (SHA-256 HKDF runs in hardware on current x86; measured in BENCHMARKS.md), which matters
+    // in a reconnect storm. The server's order wins (`ignore_client_order`).
+    provider.cipher_suites.sort_by_key(|s| match s.suite() {
+        rustls::CipherSuite::TLS13_AES_128_GCM_SHA256 => 0,
+        rustls::CipherSuite::TLS13_AES_256_GCM_SHA384 => 1,
+        rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256 => 2,
+        _ => 3,
+    });
+    let mut cfg = ServerConfig::builder_with_provider(Arc::new(provider))
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()
         .with_cert_resolver(resolver.clone());
     cfg.alpn_protocols = alpn;
     cfg.ticketer = Arc::clone(ticketer);
     cfg.session_storage = Arc::clone(cache);
+    cfg.ignore_client_order = true;
+    // One ticket per handshake is enough for a client that reconnects (each one costs an encryption).
+    cfg.send_tls13_tickets = 1;
     Ok(Arc::new(cfg))
 }
 

@@ -655,7 +655,7 @@ impl C2s {
             .into_iter()
             .find(|(r, _)| r == me.resource().as_str())
         {
-            let _ = h.tx.try_send(stanza);
+            let _ = h.try_send(stanza);
         }
     }
 
@@ -762,7 +762,6 @@ mod tests {
     use crate::config::AuthConfig;
     use crate::store::accounts::AccountStore;
     use crate::xmpp::framer::{Framer, FramerLimits};
-    use tokio::sync::mpsc;
 
     const SECRET: &str = "0123456789abcdef0123";
     const HDR: &str = "<?xml version='1.0'?><stream:stream to='localhost' xmlns='jabber:client' \
@@ -802,7 +801,6 @@ mod tests {
     struct Client {
         c2s: C2s,
         framer: Framer,
-        rx: mpsc::Receiver<Bytes>,
         handle: Arc<SessionHandle>,
         /// Non-write actions seen, in order.
         actions: Vec<Action>,
@@ -810,16 +808,14 @@ mod tests {
 
     impl Client {
         fn new(w: &World, secure: bool) -> Client {
-            let (tx, rx) = mpsc::channel(16);
             let peer: SocketAddr = "127.0.0.1:4000".parse().unwrap();
-            let handle = SessionHandle::new(tx, peer);
+            let handle = SessionHandle::new(16, peer);
             Client {
                 c2s: C2s::new(w.ctx.clone(), handle.clone(), peer, secure, w.t0),
                 framer: Framer::new(FramerLimits {
                     max_stanza_bytes: 262144,
                     max_depth: 32,
                 }),
-                rx,
                 handle,
                 actions: Vec::new(),
             }
@@ -872,10 +868,10 @@ mod tests {
 
         fn routed(&mut self) -> Vec<String> {
             let mut v = Vec::new();
-            while let Ok(b) = self.rx.try_recv() {
-                v.push(String::from_utf8(b.to_vec()).unwrap());
-            }
-            v
+            self.handle.drain(usize::MAX, &mut v);
+            v.into_iter()
+                .map(|b| String::from_utf8(b.to_vec()).unwrap())
+                .collect()
         }
 
         /// PLAIN login + bind on a secure stream.

@@ -7,10 +7,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use std::cell::RefCell;
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -61,19 +64,34 @@ impl ConnSettings {
 
 /// Bytes read from the socket at a time.
 const READ_CHUNK: usize = 4096;
+/// Queued stanzas written per batch before the task looks at its other inputs again.
+const WRITE_BATCH: usize = 64;
 /// A peer that does not take our bytes for this long is dead (its queue is bounded meanwhile).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
+thread_local! {
+    /// One read buffer per worker thread instead of one per connection: a read completes within a
+    /// single poll and its bytes are copied into the framer at once, so the buffer is never held
+    /// across an `.await` (an idle session then holds no read buffer at all).
+    static READ_BUF: RefCell<Box<[u8; READ_CHUNK]>> = RefCell::new(Box::new([0; READ_CHUNK]));
+}
+
+/// What ended [`Conn::run`].
+enum RunEnd {
+    Closed,
+    /// `<proceed/>` was sent: the caller runs the TLS handshake on the same socket.
+    StartTls,
+}
+
 /// Serve one accepted TCP connection until it ends.
 pub async fn serve(
-    tcp: TcpStream,
+    mut tcp: TcpStream,
     peer: SocketAddr,
     kind: ListenerKind,
     settings: Arc<ConnSettings>,
     shutdown: CancellationToken,
 ) {
-    let (tx, rx) = mpsc::channel::<Bytes>(settings.outbound_queue);
-    let handle = SessionHandle::new(tx, peer);
+    let handle = SessionHandle::new(settings.outbound_queue, peer);
     let now = Instant::now().into_std();
     let mut conn = Conn {
         c2s: C2s::new(
@@ -84,7 +102,6 @@ pub async fn serve(
             now,
         ),
         framer: settings.framer(),
-        rx,
         handle,
         bucket: settings
             .inbound_rate
@@ -93,25 +110,25 @@ pub async fn serve(
         peer,
         reparse: false,
     };
-    let result = match kind {
-        ListenerKind::DirectTls => match handshake(&settings, tcp, true, &conn.shutdown).await {
-            Some(tls) => conn.run(tls).await.map(|_| ()),
-            None => Ok(()),
-        },
-        ListenerKind::StartTls => match conn.run(tcp).await {
-            Ok(Some(tcp)) => match handshake(&settings, tcp, false, &conn.shutdown).await {
-                Some(tls) => {
+    // The socket lives here and `run` borrows it, so the task stores one stream, not two.
+    let result = async {
+        if kind == ListenerKind::StartTls {
+            match conn.run(&mut tcp).await? {
+                RunEnd::Closed => return Ok(()),
+                RunEnd::StartTls => {
                     conn.c2s.on_tls_established();
                     // RFC 6120 §5.4.3.3: nothing sent before the handshake survives it.
                     conn.framer = settings.framer();
-                    conn.run(tls).await.map(|_| ())
                 }
-                None => Ok(()),
-            },
-            Ok(None) => Ok(()),
-            Err(e) => Err(e),
-        },
-    };
+            }
+        }
+        let direct = kind == ListenerKind::DirectTls;
+        if let Some(mut tls) = handshake(&settings, tcp, direct, &conn.shutdown).await {
+            conn.run(&mut tls).await?;
+        }
+        Ok::<(), std::io::Error>(())
+    }
+    .await;
     if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "connection ended with an I/O error");
     }
@@ -161,7 +178,6 @@ async fn handshake(
 struct Conn {
     c2s: C2s,
     framer: Framer,
-    rx: mpsc::Receiver<Bytes>,
     handle: Arc<SessionHandle>,
     bucket: Option<TokenBucket>,
     shutdown: CancellationToken,
@@ -187,40 +203,34 @@ impl Conn {
         }
     }
 
-    /// Run the connection over `io` until it closes (`Ok(None)`) or STARTTLS hands the socket back.
+    /// Run the connection over `io` until it closes or STARTTLS needs the raw socket.
     async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
-        mut io: S,
-    ) -> std::io::Result<Option<S>> {
-        let mut buf = [0u8; READ_CHUNK];
+        io: &mut S,
+    ) -> std::io::Result<RunEnd> {
         loop {
-            // Carry out what the state machine asked for.
-            let mut wrote = false;
+            // Carry out what the state machine asked for; consecutive writes go out as one.
+            let mut out = Vec::new();
             while let Some(action) = self.c2s.poll_action() {
                 match action {
-                    Action::Write(b) => {
-                        write(&mut io, &b).await?;
-                        wrote = true;
-                    }
+                    Action::Write(b) => out.extend_from_slice(&b),
                     Action::Pause(d) => {
-                        flush(&mut io).await?;
+                        write_flush(io, &std::mem::take(&mut out)).await?;
                         tokio::time::sleep(d).await;
                     }
                     Action::StartTls => {
-                        flush(&mut io).await?;
-                        return Ok(Some(io));
+                        write_flush(io, &out).await?;
+                        return Ok(RunEnd::StartTls);
                     }
                     Action::RestartStream => self.framer.reset(),
                     Action::Close => {
-                        flush(&mut io).await?;
+                        write_flush(io, &out).await?;
                         let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
-                        return Ok(None);
+                        return Ok(RunEnd::Closed);
                     }
                 }
             }
-            if wrote {
-                flush(&mut io).await?;
-            }
+            write_flush(io, &out).await?;
             // Bytes that arrived behind a stream restart are parsed only now, after the restart.
             if self.reparse {
                 self.reparse = false;
@@ -237,34 +247,33 @@ impl Conn {
                 .as_ref()
                 .filter(|_| read_limit == 0)
                 .map(|b| Instant::from_std(b.ready_at(READ_CHUNK.min(b.burst()))));
+            let framer = &mut self.framer;
             tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => self.c2s.on_shutdown(),
-                why = self.handle.kicked() => self.c2s.on_kick(why),
-                Some(first) = self.rx.recv() => {
-                    write(&mut io, &first).await?;
-                    let mut n = 1u64;
-                    // Drain what else is queued, then flush once.
-                    while n < 64 {
-                        match self.rx.try_recv() {
-                            Ok(b) => { write(&mut io, &b).await?; n += 1; }
-                            Err(_) => break,
-                        }
+                _ = self.handle.ready() => {
+                    if let Some(why) = self.handle.kick_reason() {
+                        self.c2s.on_kick(why);
+                        continue;
                     }
-                    metrics::counter!("tern_stanzas_out_total").increment(n);
-                    flush(&mut io).await?;
+                    let mut batch = Vec::new();
+                    self.handle.drain(WRITE_BATCH, &mut batch);
+                    metrics::counter!("tern_stanzas_out_total").increment(batch.len() as u64);
+                    match batch.as_slice() {
+                        [one] => write_flush(io, one).await?,
+                        many => write_flush(io, &many.concat()).await?,
+                    }
                 }
-                r = io.read(&mut buf[..read_limit.max(1)]), if read_limit > 0 => {
+                r = poll_fn(|cx| read_into(io, framer, read_limit, cx)), if read_limit > 0 => {
                     let n = r?;
                     if n == 0 {
-                        return Ok(None);
+                        return Ok(RunEnd::Closed);
                     }
                     let now = Instant::now().into_std();
                     if let Some(b) = &mut self.bucket {
                         b.consume(n, now);
                     }
                     self.c2s.on_bytes(n, now);
-                    self.framer.push(&buf[..n]);
                     self.pump(now);
                 }
                 _ = sleep_until_opt(refill_at) => {
@@ -277,6 +286,27 @@ impl Conn {
     }
 }
 
+/// Read at most `limit` bytes into the thread's buffer and hand them to the framer in the same poll.
+fn read_into<S: AsyncRead + Unpin>(
+    io: &mut S,
+    framer: &mut Framer,
+    limit: usize,
+    cx: &mut Context<'_>,
+) -> Poll<std::io::Result<usize>> {
+    READ_BUF.with(|buf| {
+        let mut buf = buf.borrow_mut();
+        let mut rb = ReadBuf::new(&mut buf[..limit.clamp(1, READ_CHUNK)]);
+        match Pin::new(io).poll_read(cx, &mut rb) {
+            Poll::Ready(Ok(())) => {
+                framer.push(rb.filled());
+                Poll::Ready(Ok(rb.filled().len()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+}
+
 async fn sleep_until_opt(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
@@ -284,18 +314,16 @@ async fn sleep_until_opt(at: Option<Instant>) {
     }
 }
 
-async fn write<S: AsyncWrite + Unpin>(io: &mut S, b: &[u8]) -> std::io::Result<()> {
-    match tokio::time::timeout(WRITE_TIMEOUT, io.write_all(b)).await {
-        Ok(r) => r,
-        Err(_) => Err(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            "peer does not read",
-        )),
+/// Write and flush `b` (nothing to do when empty), giving up on a peer that stops reading.
+async fn write_flush<S: AsyncWrite + Unpin>(io: &mut S, b: &[u8]) -> std::io::Result<()> {
+    if b.is_empty() {
+        return Ok(());
     }
-}
-
-async fn flush<S: AsyncWrite + Unpin>(io: &mut S) -> std::io::Result<()> {
-    match tokio::time::timeout(WRITE_TIMEOUT, io.flush()).await {
+    let io_op = async {
+        io.write_all(b).await?;
+        io.flush().await
+    };
+    match tokio::time::timeout(WRITE_TIMEOUT, io_op).await {
         Ok(r) => r,
         Err(_) => Err(std::io::Error::new(
             std::io::ErrorKind::TimedOut,

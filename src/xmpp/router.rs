@@ -13,7 +13,10 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use dashmap::DashMap;
 use jid::{BareJid, FullJid, Jid};
-use tokio::sync::{Notify, mpsc};
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use tokio::sync::Notify;
 
 /// Why a session was told to end by someone else.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,44 +28,78 @@ pub enum Kick {
     Disconnect = 2,
 }
 
-/// The parts of a session other tasks may touch: its identity, queue and kick signal.
+/// The parts of a session other tasks may touch: its identity, its outbound queue and its kick signal.
+///
+/// The queue is a `VecDeque` that allocates only while stanzas wait and is released when drained, so an
+/// idle session costs a few dozen bytes here (a channel would pre-allocate a block per session).
 #[derive(Debug)]
 pub struct SessionHandle {
     pub id: u64,
-    pub tx: mpsc::Sender<Bytes>,
     pub remote_addr: SocketAddr,
     pub connected_since: SystemTime,
+    queue: Mutex<VecDeque<Bytes>>,
+    capacity: usize,
     kick: AtomicU8,
-    kicked: Notify,
+    /// Woken on every push and on a kick.
+    wake: Notify,
 }
 
+/// The session's queue holds `capacity` stanzas already.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueFull;
+
 impl SessionHandle {
-    pub fn new(tx: mpsc::Sender<Bytes>, remote_addr: SocketAddr) -> Arc<Self> {
+    /// `capacity`: stanzas that may wait before further ones are refused (`c2s.outbound_queue`).
+    pub fn new(capacity: usize, remote_addr: SocketAddr) -> Arc<Self> {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         Arc::new(Self {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-            tx,
             remote_addr,
             connected_since: SystemTime::now(),
+            queue: Mutex::new(VecDeque::new()),
+            capacity: capacity.max(1),
             kick: AtomicU8::new(0),
-            kicked: Notify::new(),
+            wake: Notify::new(),
         })
+    }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<Bytes>> {
+        // A panic while holding this lock cannot leave the deque inconsistent: keep using it.
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queue a stanza for the session's socket; never blocks.
+    pub fn try_send(&self, stanza: Bytes) -> Result<(), QueueFull> {
+        {
+            let mut q = self.queue();
+            if q.len() >= self.capacity {
+                return Err(QueueFull);
+            }
+            q.push_back(stanza);
+        }
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Move up to `max` queued stanzas into `out`; frees the queue's memory once it is empty.
+    pub fn drain(&self, max: usize, out: &mut Vec<Bytes>) {
+        let mut q = self.queue();
+        let n = q.len().min(max);
+        out.extend(q.drain(..n));
+        if q.is_empty() && q.capacity() > 0 {
+            *q = VecDeque::new();
+        }
+    }
+
+    /// Stanzas waiting.
+    pub fn queued(&self) -> usize {
+        self.queue().len()
     }
 
     /// Ask the session's task to end with `why`; works even when its queue is full.
     pub fn kick(&self, why: Kick) {
         self.kick.store(why as u8, Ordering::Release);
-        self.kicked.notify_one();
-    }
-
-    /// Resolves once [`SessionHandle::kick`] was called; returns the reason.
-    pub async fn kicked(&self) -> Kick {
-        loop {
-            if let Some(k) = self.kick_reason() {
-                return k;
-            }
-            self.kicked.notified().await;
-        }
+        self.wake.notify_one();
     }
 
     pub fn kick_reason(&self) -> Option<Kick> {
@@ -70,6 +107,17 @@ impl SessionHandle {
             1 => Some(Kick::Conflict),
             2 => Some(Kick::Disconnect),
             _ => None,
+        }
+    }
+
+    /// Resolves when there is work for the session's task: a kick or queued stanzas. A wake-up that
+    /// comes between the check and the wait is kept by `Notify` as a permit, so none is lost.
+    pub async fn ready(&self) {
+        loop {
+            if self.kick_reason().is_some() || !self.queue().is_empty() {
+                return;
+            }
+            self.wake.notified().await;
         }
     }
 }
@@ -255,16 +303,16 @@ impl Router {
     /// Deliver a stanza addressed to a user of this domain, per RFC 6121 §8.5.
     pub fn route(&self, to: &Jid, kind: Kind, stanza: Bytes) -> Delivery {
         // Collect the target queues under the shard lock, send after releasing it.
-        let targets: Vec<mpsc::Sender<Bytes>>;
+        let targets: Vec<Arc<SessionHandle>>;
         match to.try_as_full() {
             Ok(full) => {
                 let found = self.accounts.get(&full.to_bare()).and_then(|rs| {
                     rs.iter()
                         .find(|r| r.name == full.resource().as_str())
-                        .map(|r| r.handle.tx.clone())
+                        .map(|r| r.handle.clone())
                 });
                 match (found, kind) {
-                    (Some(tx), _) => targets = vec![tx],
+                    (Some(h), _) => targets = vec![h],
                     // §8.5.3.2.1: normal/chat to an unavailable resource is handled as if to the bare JID.
                     (None, Kind::Message(MessageType::Normal | MessageType::Chat)) => {
                         return self.route(&Jid::from(full.to_bare()), kind, stanza);
@@ -292,7 +340,7 @@ impl Router {
                             Some(best) => rs
                                 .iter()
                                 .filter(|r| matches!(r.presence, Some((p, _)) if p == best))
-                                .map(|r| r.handle.tx.clone())
+                                .map(|r| r.handle.clone())
                                 .collect(),
                             None => Vec::new(),
                         }
@@ -301,7 +349,7 @@ impl Router {
                     Kind::Message(MessageType::Headline) => rs
                         .iter()
                         .filter(|r| matches!(r.presence, Some((p, _)) if p >= 0))
-                        .map(|r| r.handle.tx.clone())
+                        .map(|r| r.handle.clone())
                         .collect(),
                     // §8.5.2.1.1: groupchat to a bare JID is an error; errors are dropped.
                     Kind::Message(MessageType::Groupchat) => return Delivery::Unavailable,
@@ -310,7 +358,7 @@ impl Router {
                     Kind::Presence => rs
                         .iter()
                         .filter(|r| r.presence.is_some())
-                        .map(|r| r.handle.tx.clone())
+                        .map(|r| r.handle.clone())
                         .collect(),
                     // §8.5.2.1.3: an iq to the bare JID is the server's to answer, never routed here.
                     Kind::Iq => return Delivery::Unavailable,
@@ -322,11 +370,10 @@ impl Router {
         }
         let mut delivered = 0;
         let mut full = false;
-        for tx in targets {
-            match tx.try_send(stanza.clone()) {
+        for h in targets {
+            match h.try_send(stanza.clone()) {
                 Ok(()) => delivered += 1,
-                Err(mpsc::error::TrySendError::Full(_)) => full = true,
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
+                Err(QueueFull) => full = true,
             }
         }
         metrics::counter!("tern_stanzas_routed_total").increment(delivered as u64);
@@ -362,9 +409,20 @@ impl Router {
 mod tests {
     use super::*;
 
-    fn session(cap: usize) -> (Arc<SessionHandle>, mpsc::Receiver<Bytes>) {
-        let (tx, rx) = mpsc::channel(cap);
-        (SessionHandle::new(tx, "127.0.0.1:1".parse().unwrap()), rx)
+    /// A session and a way to take what was queued for it.
+    fn session(cap: usize) -> (Arc<SessionHandle>, Rx) {
+        let h = SessionHandle::new(cap, "127.0.0.1:1".parse().unwrap());
+        (h.clone(), Rx(h))
+    }
+
+    struct Rx(Arc<SessionHandle>);
+
+    impl Rx {
+        fn try_recv(&mut self) -> Result<Bytes, ()> {
+            let mut v = Vec::new();
+            self.0.drain(1, &mut v);
+            v.pop().ok_or(())
+        }
     }
 
     fn full(s: &str) -> FullJid {
@@ -499,10 +557,27 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn queue_wakes_and_releases_memory() {
+        let (h, _rx) = session(4);
+        let waiter = tokio::spawn({
+            let h = h.clone();
+            async move { h.ready().await }
+        });
+        h.try_send(Bytes::from_static(b"x")).unwrap();
+        waiter.await.unwrap();
+        let mut out = Vec::new();
+        h.drain(10, &mut out);
+        assert_eq!(out, vec![Bytes::from_static(b"x")]);
+        assert_eq!(h.queue().capacity(), 0, "an idle queue holds no allocation");
+    }
+
+    #[tokio::test]
     async fn kick_wakes_even_with_full_queue() {
         let (h, _rx) = session(1);
-        h.tx.try_send(Bytes::new()).unwrap();
+        h.try_send(Bytes::new()).unwrap();
+        assert_eq!(h.try_send(Bytes::new()), Err(QueueFull));
         h.kick(Kick::Conflict);
-        assert_eq!(h.kicked().await, Kick::Conflict);
+        h.ready().await;
+        assert_eq!(h.kick_reason(), Some(Kick::Conflict));
     }
 }
