@@ -306,7 +306,8 @@ impl C2s {
         }
         // RFC 6120 §4.9.1.2: the error needs an open stream, so send our header first.
         self.send_header(h);
-        if h.stream_ns.as_deref() != Some(NS_STREAMS) || !h.name.ends_with("stream") {
+        let local_name = h.name.rsplit(':').next();
+        if h.stream_ns.as_deref() != Some(NS_STREAMS) || local_name != Some("stream") {
             return self.stream_error("invalid-namespace", None);
         }
         if h.default_ns.as_deref() != Some(NS_CLIENT) {
@@ -365,10 +366,21 @@ impl C2s {
     }
 
     fn on_stanza(&mut self, stanza: Stanza, now: Instant) {
-        let name = stanza.name().to_string();
-        let ns = stanza.ns().map(str::to_string);
-        match (self.phase, name.as_str(), ns.as_deref()) {
-            (Phase::Negotiating, "starttls", Some(NS_TLS)) => {
+        /// First-level elements by what they are for, decided without copying the name.
+        enum Class {
+            StartTls,
+            Sasl,
+            Stanza,
+            Other,
+        }
+        let class = match (stanza.name(), stanza.ns()) {
+            ("starttls", Some(NS_TLS)) => Class::StartTls,
+            ("auth" | "response" | "abort", Some(NS_SASL)) => Class::Sasl,
+            ("message" | "presence" | "iq", None | Some(NS_CLIENT)) => Class::Stanza,
+            _ => Class::Other,
+        };
+        match (self.phase, class) {
+            (Phase::Negotiating, Class::StartTls) => {
                 if self.secure {
                     self.write(format!("<failure xmlns='{NS_TLS}'/></stream:stream>"));
                     self.close();
@@ -377,19 +389,18 @@ impl C2s {
                     self.actions.push_back(Action::StartTls);
                 }
             }
-            (Phase::Negotiating, "auth" | "response" | "abort", Some(NS_SASL)) => {
-                self.on_sasl(&stanza, now)
-            }
-            (Phase::Negotiating, "iq", None | Some(NS_CLIENT)) if self.username.is_some() => {
+            (Phase::Negotiating, Class::Sasl) => self.on_sasl(&stanza, now),
+            (Phase::Negotiating, Class::Stanza)
+                if self.username.is_some() && stanza.name() == "iq" =>
+            {
                 self.on_bind_phase_iq(&stanza)
             }
-            (Phase::Active, "message" | "presence" | "iq", None | Some(NS_CLIENT)) => {
-                self.on_routable(stanza)
-            }
-            (Phase::Negotiating, _, _) if !self.secure => {
+            (Phase::Active, Class::Stanza) => self.on_routable(stanza),
+            (Phase::Negotiating, _) if !self.secure => {
                 self.stream_error("policy-violation", Some("STARTTLS is required first"))
             }
-            (Phase::Negotiating, _, _) => self.stream_error("not-authorized", None),
+            // RFC 6120 §7.1: nothing is processed before authentication and binding.
+            (Phase::Negotiating, _) => self.stream_error("not-authorized", None),
             _ => self.stream_error("unsupported-stanza-type", None),
         }
     }
@@ -486,7 +497,8 @@ impl C2s {
             {
                 self.bind(stanza, &id)
             }
-            _ => self.write(iq_error(&id, None, "wait", "not-authorized")),
+            // RFC 6120 §7.1: only binding is possible before a resource is bound.
+            _ => self.write(iq_error(&id, None, "auth", "not-authorized")),
         }
     }
 

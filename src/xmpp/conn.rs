@@ -3,14 +3,13 @@
 //! All protocol decisions are the state machine's; this file only moves bytes, runs the TLS handshake,
 //! sleeps until the machine's next deadline, and applies the inbound byte-rate limit.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
-
 use std::cell::RefCell;
 use std::future::poll_fn;
+use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
