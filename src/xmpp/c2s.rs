@@ -1260,6 +1260,29 @@ mod tests {
     }
 
     #[test]
+    fn a_panicking_connection_leaves_the_registry() {
+        let w = world();
+        let mut other = Client::login(&w, "alice", "pencil", "other");
+        other.send("<presence/>", w.t0);
+        other.routed();
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut c = Client::login(&w, "alice", "pencil", "doomed");
+            c.send("<presence/>", w.t0);
+            assert_eq!(w.ctx.router.session_count(), 2);
+            panic!("simulated bug in a connection task");
+        }));
+        assert!(result.is_err());
+        // Unwinding dropped the state machine: unbound, and the other resource heard it leave.
+        assert_eq!(w.ctx.router.session_count(), 1);
+        assert!(
+            other
+                .routed()
+                .iter()
+                .any(|p| p.contains("unavailable") && p.contains("alice@localhost/doomed"))
+        );
+    }
+
+    #[test]
     fn timeouts_preauth_and_ping() {
         let w = world();
         let mut c = Client::new(&w, true);
