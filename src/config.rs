@@ -37,6 +37,35 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub log: LogConfig,
     pub metrics: MetricsConfig,
+    pub http: HttpConfig,
+}
+
+/// The HTTP service API the management server posts pushes to.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address of the HTTP API; unset disables it.
+    pub listen: Option<SocketAddr>,
+    /// Accepted API keys. Empty: a key is generated on first start and saved as `{data_dir}/api-key`.
+    pub api_keys: Vec<String>,
+    /// Client networks allowed to call the API (CIDR, e.g. `10.0.0.0/8`); empty allows every address.
+    pub allow_networks: Vec<String>,
+    /// Seconds `POST /rest/stream` waits for the reply to an `<iq>`.
+    pub iq_timeout_secs: u64,
+    /// Largest request body accepted, in bytes (413 beyond).
+    pub max_body_bytes: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 8080))),
+            api_keys: Vec::new(),
+            allow_networks: Vec::new(),
+            iq_timeout_secs: 30,
+            max_body_bytes: 1024 * 1024,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -306,6 +335,18 @@ impl Config {
                 "must be at least 16 characters (e.g. `openssl rand -hex 32`), or left unset",
             );
         }
+        if self.http.iq_timeout_secs == 0 {
+            return invalid("http.iq_timeout_secs", "must be at least 1");
+        }
+        if self.http.max_body_bytes < 1024 {
+            return invalid("http.max_body_bytes", "must be at least 1024");
+        }
+        if self.http.api_keys.iter().any(|k| k.len() < 16) {
+            return invalid(
+                "http.api_keys",
+                "every key must be at least 16 characters (e.g. `openssl rand -hex 32`)",
+            );
+        }
         if self.auth.device_scram_iterations == 0 || self.auth.scram_iterations == 0 {
             return invalid(
                 "auth.scram_iterations",
@@ -320,6 +361,9 @@ impl Config {
         let mut shown = self.clone();
         if shown.auth.device_secret.is_some() {
             shown.auth.device_secret = Some("<redacted>".into());
+        }
+        for key in &mut shown.http.api_keys {
+            *key = "<redacted>".into();
         }
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
@@ -429,7 +473,7 @@ fn apply_env(
 }
 
 fn known_sections() -> String {
-    "server, tls, c2s, auth, limits, log, metrics".into()
+    "server, tls, c2s, auth, limits, log, metrics, http".into()
 }
 
 /// Keys whose default is `None` (absent from the serialised defaults), with their value kind.
@@ -500,6 +544,10 @@ mod tests {
                 ("TERN_C2S_TLS_LISTEN", "0.0.0.0:443, [::]:443"),
                 ("TERN_LIMITS_MAX_DEPTH", "10"),
                 ("TERN_AUTH_DEVICE_SECRET", "0123456789abcdef0123"),
+                (
+                    "TERN_HTTP_API_KEYS",
+                    "key-one-0123456789,key-two-0123456789",
+                ),
                 ("PATH", "/bin"),
             ],
         )
@@ -510,6 +558,8 @@ mod tests {
         assert!(c.auth.device_secret.is_some());
         let red = c.to_redacted_toml();
         assert!(!red.contains("0123456789abcdef0123"), "{red}");
+        assert_eq!(c.http.api_keys.len(), 2);
+        assert!(!red.contains("key-one"), "{red}");
     }
 
     #[test]

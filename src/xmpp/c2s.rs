@@ -567,6 +567,17 @@ impl C2s {
         let to_local_bare = to
             .as_ref()
             .is_some_and(|j| j.is_bare() && j.domain().as_str() == self.ctx.domain);
+        if kind == Kind::Iq
+            && to_server
+            && matches!(stanza.stanza_type().as_deref(), Some("result" | "error"))
+            && let Some(id) = stanza.id()
+        {
+            // A reply to an iq the server sent on someone's behalf (HTTP API): hand it over stamped.
+            let stamped = stanza.with_addressing(Some(me.as_str()), None);
+            if self.ctx.router.complete_iq(&id, stamped) {
+                return;
+            }
+        }
         if kind == Kind::Iq && (to_server || to_local_bare) {
             // RFC 6121 §8.5.2.1.3 / RFC 6120 §10.3: the server answers on the account's behalf.
             let reply = server_iq::handle(&stanza, &me, &self.ctx.domain, to.as_ref());
@@ -1176,6 +1187,23 @@ mod tests {
             w.t0,
         );
         assert!(r.contains("<remote-server-not-found"), "{r}");
+    }
+
+    #[tokio::test]
+    async fn iq_reply_to_the_server_reaches_its_waiter_stamped() {
+        let w = world();
+        let mut c = Client::login(&w, "alice", "pencil", "desk");
+        let rx = w.ctx.router.await_iq_reply("http-1");
+        let r = c.send(
+            "<iq type='result' id='http-1' to='localhost' from='mallory@localhost/x'/>",
+            w.t0,
+        );
+        assert!(r.is_empty(), "nothing goes back to the client: {r}");
+        let reply = String::from_utf8(rx.await.unwrap().to_vec()).unwrap();
+        assert!(
+            reply.contains("from='alice@localhost/desk'") && !reply.contains("mallory"),
+            "{reply}"
+        );
     }
 
     #[test]

@@ -180,6 +180,8 @@ impl MessageType {
 #[derive(Debug, Default)]
 pub struct Router {
     accounts: DashMap<BareJid, Vec<Resource>>,
+    /// Replies awaited by server-originated iqs (e.g. `POST /rest/stream` with an `<iq>`), by iq id.
+    iq_waiters: DashMap<String, tokio::sync::oneshot::Sender<Bytes>>,
     /// Simultaneous resources per account; 0 = unlimited.
     max_resources: usize,
 }
@@ -205,6 +207,26 @@ impl Router {
         Self {
             max_resources,
             ..Self::default()
+        }
+    }
+
+    /// Wait for the reply to an iq the server sends with this `id` (choose an unguessable id). The
+    /// reply is handed over by [`Router::complete_iq`]; call [`Router::cancel_iq`] on timeout.
+    pub fn await_iq_reply(&self, id: &str) -> tokio::sync::oneshot::Receiver<Bytes> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.iq_waiters.insert(id.to_string(), tx);
+        rx
+    }
+
+    pub fn cancel_iq(&self, id: &str) {
+        self.iq_waiters.remove(id);
+    }
+
+    /// An iq result/error addressed to the server arrived: true if someone was waiting for it.
+    pub fn complete_iq(&self, id: &str, reply: Bytes) -> bool {
+        match self.iq_waiters.remove(id) {
+            Some((_, tx)) => tx.send(reply).is_ok(),
+            None => false,
         }
     }
 
@@ -539,6 +561,19 @@ mod tests {
         );
         // Replacing an existing resource is still allowed at the limit.
         assert!(r.bind(&full("a@d/2"), h4).unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn iq_waiters_get_their_reply_once() {
+        let r = Router::new();
+        let rx = r.await_iq_reply("x1");
+        assert!(!r.complete_iq("other", Bytes::new()));
+        assert!(r.complete_iq("x1", Bytes::from_static(b"<iq/>")));
+        assert!(!r.complete_iq("x1", Bytes::new()), "only once");
+        assert_eq!(rx.await.unwrap(), Bytes::from_static(b"<iq/>"));
+        let _rx = r.await_iq_reply("x2");
+        r.cancel_iq("x2");
+        assert!(!r.complete_iq("x2", Bytes::new()));
     }
 
     #[test]
