@@ -201,7 +201,7 @@ impl AuthThrottle {
     /// `failures_before_delay` failures, then 250 ms doubling per further failure, capped at
     /// `max_failure_delay_ms`. Forgotten 10 minutes after the last failure.
     pub fn delay_for(&self, ip: IpAddr, now: Instant) -> Duration {
-        let key = throttle_key(ip);
+        let key = crate::limits::address_group(ip);
         let Some(e) = self.entries.get(&key).map(|e| *e) else {
             return Duration::ZERO;
         };
@@ -226,7 +226,7 @@ impl AuthThrottle {
     /// Records a failed authentication from `ip` and counts it in `tern_auth_failures_total`.
     pub fn record_failure(&self, ip: IpAddr, now: Instant) {
         metrics::counter!("tern_auth_failures_total").increment(1);
-        let key = throttle_key(ip);
+        let key = crate::limits::address_group(ip);
         if !self.entries.contains_key(&key) && self.entries.len() >= self.max_entries {
             self.prune(now);
         }
@@ -247,9 +247,12 @@ impl AuthThrottle {
 
     /// Records a successful authentication from `ip`: its failures are forgotten, and
     /// `tern_auth_success_total` is incremented.
+    /// Counted, but the address's failures are kept: one good login (any account, or a device behind the
+    /// same NAT) must not reset an attacker's slowdown. Only failures are ever delayed, so legitimate
+    /// logins are unaffected; the entry is forgotten after it stays idle.
     pub fn record_success(&self, ip: IpAddr) {
+        let _ = ip;
         metrics::counter!("tern_auth_success_total").increment(1);
-        self.entries.remove(&throttle_key(ip));
     }
 
     /// Number of tracked addresses.
@@ -278,20 +281,6 @@ impl AuthThrottle {
             );
             self.entries.clear();
         }
-    }
-}
-
-/// IPv4 as is (IPv4-mapped IPv6 folded to IPv4), IPv6 truncated to its /64.
-fn throttle_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let bits = u128::from(v6) & !((1u128 << 64) - 1);
-                IpAddr::V6(bits.into())
-            }
-        },
     }
 }
 
@@ -497,10 +486,13 @@ mod tests {
             t.delay_for(a, t0 + Duration::from_secs(10)),
             Duration::from_millis(5000)
         );
-        // Success resets.
+        // A success from the same address does not reset the slowdown (it could be the attacker's own
+        // account, or another device behind the same NAT).
         t.record_success(a);
-        assert_eq!(t.delay_for(a, t0 + Duration::from_secs(10)), Duration::ZERO);
-        assert!(t.is_empty());
+        assert_eq!(
+            t.delay_for(a, t0 + Duration::from_secs(10)),
+            Duration::from_millis(5000)
+        );
     }
 
     #[test]

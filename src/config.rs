@@ -131,6 +131,8 @@ pub struct C2sConfig {
     pub ping_timeout_secs: u64,
     /// Stanzas that may wait for one slow client before further stanzas to it are refused.
     pub outbound_queue: usize,
+    /// Bytes that may wait for one slow client (one stanza is always accepted into an empty queue).
+    pub outbound_queue_bytes: usize,
 }
 
 impl Default for C2sConfig {
@@ -141,6 +143,7 @@ impl Default for C2sConfig {
             ping_interval_secs: 300,
             ping_timeout_secs: 60,
             outbound_queue: 256,
+            outbound_queue_bytes: 1024 * 1024,
         }
     }
 }
@@ -253,10 +256,18 @@ impl Config {
             message: e.to_string(),
         })?;
         apply_env(&mut table, env)?;
-        let config: Config = Config::deserialize(table).map_err(|e| ConfigError::Parse {
+        let mut config: Config = Config::deserialize(table).map_err(|e| ConfigError::Parse {
             path: name,
             message: explain_serde(&e.to_string()),
         })?;
+        // One canonical spelling (RFC 7622 §3.2: case-folded, no trailing dot), so comparisons with
+        // the normalised JIDs of sessions always agree.
+        let domain = config.server.domain.trim().trim_end_matches('.');
+        if let Ok(j) = jid::BareJid::new(domain)
+            && j.node().is_none()
+        {
+            config.server.domain = j.domain().as_str().to_string();
+        }
         config.validate()?;
         Ok(config)
     }
@@ -295,6 +306,9 @@ impl Config {
         if self.c2s.outbound_queue == 0 {
             return invalid("c2s.outbound_queue", "must be at least 1");
         }
+        if self.c2s.outbound_queue_bytes < 1024 {
+            return invalid("c2s.outbound_queue_bytes", "must be at least 1024");
+        }
         if self.c2s.ping_interval_secs > 0 && self.c2s.ping_timeout_secs == 0 {
             return invalid(
                 "c2s.ping_timeout_secs",
@@ -316,6 +330,25 @@ impl Config {
         if self.limits.tls_handshake_timeout_secs == 0 {
             return invalid("limits.tls_handshake_timeout_secs", "must be at least 1");
         }
+        const YEAR: u64 = 365 * 86_400;
+        for (key, v) in [
+            (
+                "limits.preauth_timeout_secs",
+                self.limits.preauth_timeout_secs,
+            ),
+            (
+                "limits.tls_handshake_timeout_secs",
+                self.limits.tls_handshake_timeout_secs,
+            ),
+            ("c2s.ping_interval_secs", self.c2s.ping_interval_secs),
+            ("c2s.ping_timeout_secs", self.c2s.ping_timeout_secs),
+            ("tls.reload_check_secs", self.tls.reload_check_secs),
+            ("http.iq_timeout_secs", self.http.iq_timeout_secs),
+        ] {
+            if v > YEAR {
+                return invalid(key, "must be at most 31536000 (one year)");
+            }
+        }
         if self.limits.preauth_max_bytes < 4096 {
             return invalid("limits.preauth_max_bytes", "must be at least 4096");
         }
@@ -328,6 +361,7 @@ impl Config {
             );
         }
         if let Some(s) = &self.auth.device_secret
+            && !s.is_empty()
             && s.len() < 16
         {
             return invalid(
@@ -387,6 +421,9 @@ fn apply_env(
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<(), ConfigError> {
     let defaults = toml::Table::try_from(Config::default()).unwrap_or_default();
+    // TIGASE_DOMAIN first, so an explicit TERN_SERVER_DOMAIN wins whatever the environment's order.
+    let mut env: Vec<(String, String)> = env.into_iter().collect();
+    env.sort_by_key(|(k, _)| k != "TIGASE_DOMAIN");
     for (var, value) in env {
         let (section, key) = if var == "TIGASE_DOMAIN" {
             ("server".to_string(), "domain".to_string())
@@ -409,13 +446,8 @@ fn apply_env(
             None if section == "metrics" => Some(&empty),
             None => None,
         };
+        // Other tools share the TERN_ prefix (e.g. TERN_BENCH_*): only known sections are ours.
         let Some(default_section) = default_section else {
-            if var.starts_with("TERN_") {
-                return Err(env_err(format!(
-                    "unknown section `{section}`; expected one of: {}",
-                    known_sections()
-                )));
-            }
             continue;
         };
         let kind = default_section
@@ -470,10 +502,6 @@ fn apply_env(
         }
     }
     Ok(())
-}
-
-fn known_sections() -> String {
-    "server, tls, c2s, auth, limits, log, metrics, http".into()
 }
 
 /// Keys whose default is `None` (absent from the serialised defaults), with their value kind.
@@ -563,6 +591,12 @@ mod tests {
     }
 
     #[test]
+    fn domain_is_normalised() {
+        let c = load_str("[server]\ndomain = \"Example.COM.\"\n", &[]).expect("load");
+        assert_eq!(c.server.domain, "example.com");
+    }
+
+    #[test]
     fn env_errors_name_the_variable() {
         let e = load_str("", &[("TERN_LIMITS_MAX_DEPHT", "3")])
             .unwrap_err()
@@ -571,6 +605,21 @@ mod tests {
             e.contains("TERN_LIMITS_MAX_DEPHT") && e.contains("max_depth"),
             "{e}"
         );
+        // Other tools' variables with the same prefix are not ours.
+        load_str(
+            "",
+            &[("TERN_BENCH_USERS", "10"), ("TERN_SKIP_SLIXMPP", "1")],
+        )
+        .expect("ignored");
+        let c = load_str(
+            "",
+            &[
+                ("TERN_SERVER_DOMAIN", "a.example"),
+                ("TIGASE_DOMAIN", "b.example"),
+            ],
+        )
+        .expect("load");
+        assert_eq!(c.server.domain, "a.example", "the explicit TERN_ name wins");
         let e = load_str("", &[("TERN_LIMITS_MAX_DEPTH", "ten")])
             .unwrap_err()
             .to_string();

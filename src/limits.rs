@@ -58,7 +58,23 @@ impl TokenBucket {
     }
 }
 
-/// Counts open connections per source address; a [`ConnPermit`] gives its slot back on drop.
+/// The unit a per-address limit applies to: IPv4 as is (IPv4-mapped IPv6 folded to IPv4), IPv6
+/// truncated to its /64 — one IPv6 client usually owns a whole /64, so per-address limits on the
+/// full 128 bits would not limit it at all.
+pub fn address_group(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let bits = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(bits.into())
+            }
+        },
+    }
+}
+
+/// Counts open connections per source address group ([`address_group`]); a [`ConnPermit`] gives its slot back on drop.
 #[derive(Debug, Default)]
 pub struct IpLimiter {
     max: usize,
@@ -82,6 +98,7 @@ impl IpLimiter {
     }
 
     pub fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Option<ConnPermit> {
+        let ip = address_group(ip);
         let mut n = self.open.entry(ip).or_insert(0);
         if self.max > 0 && *n >= self.max {
             return None;
@@ -129,6 +146,11 @@ mod tests {
         assert!(l.try_acquire(ip).is_none());
         assert!(l.try_acquire("127.0.0.3".parse().unwrap()).is_some());
         drop(a);
-        assert!(l.try_acquire(ip).is_some());
+        let _a2 = l.try_acquire(ip).unwrap();
+        // One IPv6 /64 is one client; IPv4-mapped addresses count as the IPv4 address.
+        let _c = l.try_acquire("2001:db8::1".parse().unwrap()).unwrap();
+        let _d = l.try_acquire("2001:db8::2".parse().unwrap()).unwrap();
+        assert!(l.try_acquire("2001:db8::ffff".parse().unwrap()).is_none());
+        assert!(l.try_acquire("::ffff:127.0.0.2".parse().unwrap()).is_none());
     }
 }

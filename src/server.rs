@@ -85,6 +85,7 @@ impl Server {
             max_stanza_bytes: limits.max_stanza_bytes,
             max_depth: limits.max_depth,
             outbound_queue: config.c2s.outbound_queue,
+            outbound_queue_bytes: config.c2s.outbound_queue_bytes,
             tls_handshake_timeout: Duration::from_secs(limits.tls_handshake_timeout_secs),
             inbound_rate: (limits.inbound_bytes_per_sec > 0)
                 .then_some((limits.inbound_bytes_per_sec, limits.inbound_burst_bytes)),

@@ -31,6 +31,10 @@ const NS_SESSION: &str = "urn:ietf:params:xml:ns:xmpp-session";
 const NS_STREAM_ERRORS: &str = "urn:ietf:params:xml:ns:xmpp-streams";
 const NS_STANZAS: &str = "urn:ietf:params:xml:ns:xmpp-stanzas";
 
+/// Directed-presence recipients remembered per session for the final `unavailable` (RFC 6121 §4.6.3);
+/// beyond this, further recipients are not remembered (a bound on client-driven memory).
+const MAX_DIRECTED_PRESENCE: usize = 1000;
+
 /// RFC 6120 §6.4.5: allow a reasonable number of SASL retries (2 to 5) before closing the stream.
 const MAX_SASL_ATTEMPTS: u32 = 5;
 
@@ -198,7 +202,8 @@ impl C2s {
         if self.phase == Phase::Closed {
             return None;
         }
-        if self.username.is_none() {
+        // Until a resource is bound the session is not usable: the pre-auth deadline still applies.
+        if self.jid.is_none() {
             return Some(self.started + self.ctx.preauth_timeout);
         }
         match self.ping_sent {
@@ -214,9 +219,9 @@ impl C2s {
         if now < due {
             return;
         }
-        if self.username.is_none() {
+        if self.jid.is_none() {
             metrics::counter!("tern_limit_hits_total", "limit" => "preauth_timeout").increment(1);
-            tracing::info!(peer = %self.peer, "closing: not authenticated within limits.preauth_timeout_secs");
+            tracing::info!(peer = %self.peer, "closing: no session bound within limits.preauth_timeout_secs");
             self.stream_error("connection-timeout", Some("authentication timeout"));
         } else if self.ping_sent.is_some() {
             metrics::counter!("tern_ping_timeouts_total").increment(1);
@@ -233,9 +238,6 @@ impl C2s {
                 escape(jid.as_str())
             );
             self.write(ping);
-            self.ping_sent = Some(now);
-        } else {
-            // Authenticated but never bound and silent: treat like a dead connection.
             self.ping_sent = Some(now);
         }
     }
@@ -264,7 +266,8 @@ impl C2s {
     /// Unbind and broadcast `unavailable` (RFC 6121 §4.6): once, whichever way the session ends.
     fn leave(&mut self) {
         if let Some(jid) = self.jid.take() {
-            if self.available {
+            // A replaced session says nothing: its full JID lives on in the new session.
+            if self.available && self.ctx.router.is_current(&jid, self.handle.id) {
                 let unavailable = Bytes::from(format!(
                     "<presence type='unavailable' from='{}'/>",
                     escape(jid.as_str())
@@ -517,6 +520,13 @@ impl C2s {
             // RFC 6120 §7.7.2.1: a resource that cannot be processed is `bad-request`.
             return self.write(iq_error(id, None, "modify", "bad-request"));
         };
+        // Credentials were checked for the lower-cased username; the bound identity is its nodeprep
+        // form. They must be the same account, or a look-alike name (e.g. full-width letters) could
+        // authenticate as one user and bind as another.
+        if jid.node().map(|n| n.as_str()) != Some(user.to_lowercase().as_str()) {
+            tracing::info!(peer = %self.peer, username = %user, "refusing a non-canonical username");
+            return self.stream_error("not-authorized", Some("username is not in canonical form"));
+        }
         match self.ctx.router.bind(&jid, self.handle.clone()) {
             // RFC 6120 §7.7.2.2: override the old session; it gets <conflict/>.
             Ok(Some(old)) => old.kick(Kick::Conflict),
@@ -625,7 +635,7 @@ impl C2s {
                 self.available = true;
                 self.ctx
                     .router
-                    .set_presence(me, Some((priority, stamped.clone())));
+                    .set_presence(me, self.handle.id, Some((priority, stamped.clone())));
                 // §4.2.2: to all of the account's available resources, this one included.
                 self.ctx.router.broadcast_presence(&me.to_bare(), stamped);
                 if first {
@@ -645,8 +655,13 @@ impl C2s {
             }
             (None, _) => {} // subscription management without a roster: nothing to do
             (Some(to), ptype) => {
+                let local = to.domain().as_str() == self.ctx.domain && to.node().is_some();
                 match ptype {
-                    None if self.available => {
+                    // Only local entities can be reached; the set is bounded so a client cannot grow it.
+                    None if self.available
+                        && local
+                        && self.directed.len() < MAX_DIRECTED_PRESENCE =>
+                    {
                         self.directed.insert(to.clone());
                     }
                     Some("unavailable") => {
@@ -654,7 +669,7 @@ impl C2s {
                     }
                     _ => {}
                 }
-                if to.domain().as_str() == self.ctx.domain && to.node().is_some() {
+                if local {
                     self.ctx.router.route(&to, Kind::Presence, stamped);
                 }
             }
@@ -662,7 +677,7 @@ impl C2s {
     }
 
     fn broadcast_unavailable(&mut self, me: &FullJid, stanza: Bytes) {
-        self.ctx.router.set_presence(me, None);
+        self.ctx.router.set_presence(me, self.handle.id, None);
         let bare: BareJid = me.to_bare();
         self.ctx.router.broadcast_presence(&bare, stanza.clone());
         for to in std::mem::take(&mut self.directed) {
@@ -671,15 +686,7 @@ impl C2s {
             }
         }
         // The resource itself is still connected (it may send presence again): it hears its own.
-        if let Some((_, h)) = self
-            .ctx
-            .router
-            .sessions(&bare)
-            .into_iter()
-            .find(|(r, _)| r == me.resource().as_str())
-        {
-            let _ = h.try_send(stanza);
-        }
+        let _ = self.handle.try_send(stanza);
     }
 
     /// Return a stanza error to the sender (RFC 6120 §8.3), never for an error or result (§8.3.1).
@@ -1249,10 +1256,13 @@ mod tests {
     #[test]
     fn conflict_kicks_the_old_session() {
         let w = world();
-        let a = Client::login(&w, "alice", "pencil", "r");
-        let _a2 = Client::login(&w, "alice", "pencil", "r");
+        let mut a = Client::login(&w, "alice", "pencil", "r");
+        a.send("<presence/>", w.t0);
+        let mut a2 = Client::login(&w, "alice", "pencil", "r");
+        a2.send("<presence/>", w.t0);
+        a2.routed();
         assert_eq!(a.handle.kick_reason(), Some(Kick::Conflict));
-        let mut a = a;
+        // The old session notices late (its socket was dead) and only then cleans up.
         a.c2s.on_kick(Kick::Conflict);
         assert!(a.drain().contains("<conflict"));
         drop(a);
@@ -1260,6 +1270,38 @@ mod tests {
             w.ctx.router.session_count(),
             1,
             "the replacement survives the old one's cleanup"
+        );
+        assert!(
+            !a2.routed().iter().any(|p| p.contains("unavailable")),
+            "the replacement is not told it went away"
+        );
+        let pw = Authenticator::device_password(SECRET, "bob@localhost");
+        let mut b = Client::login(&w, "bob", &pw, "b");
+        let r = b.send(
+            "<message to='alice@localhost' type='chat'><body>x</body></message>",
+            w.t0,
+        );
+        assert!(r.is_empty(), "alice is still available: {r}");
+        assert_eq!(a2.routed().len(), 1);
+    }
+
+    #[test]
+    fn directed_presence_memory_is_bounded() {
+        let w = world();
+        let mut a = Client::login(&w, "alice", "pencil", "r");
+        a.send("<presence/>", w.t0);
+        let mut many = String::new();
+        for i in 0..(MAX_DIRECTED_PRESENCE + 50) {
+            many.push_str(&format!("<presence to='u{i}@localhost'/>"));
+        }
+        many.push_str("<presence to='x@remote.example'/>");
+        a.send(&many, w.t0);
+        assert_eq!(a.c2s.directed.len(), MAX_DIRECTED_PRESENCE);
+        assert!(
+            !a.c2s
+                .directed
+                .iter()
+                .any(|j| j.domain().as_str() == "remote.example")
         );
     }
 
@@ -1308,6 +1350,44 @@ mod tests {
                 .iter()
                 .any(|p| p.contains("unavailable") && p.contains("alice@localhost/doomed"))
         );
+    }
+
+    #[test]
+    fn look_alike_usernames_cannot_bind_as_someone_else() {
+        let w = world();
+        // Full-width "ｂｏｂ" has a valid device password of its own, but nodeprep maps it to "bob".
+        let pw = Authenticator::device_password(SECRET, "ｂｏｂ@localhost");
+        let mut c = Client::new(&w, true);
+        c.send(HDR, w.t0);
+        let auth = B64.encode(format!("\0ｂｏｂ\0{pw}"));
+        c.send(
+            &format!("<auth xmlns='{NS_SASL}' mechanism='PLAIN'>{auth}</auth>"),
+            w.t0,
+        );
+        c.send(HDR, w.t0);
+        let r = c.send(
+            &format!("<iq type='set' id='b'><bind xmlns='{NS_BIND}'/></iq>"),
+            w.t0,
+        );
+        assert!(!r.contains("<jid>bob@"), "{r}");
+        assert_eq!(w.ctx.router.session_count(), 0);
+    }
+
+    #[test]
+    fn authenticated_but_unbound_sessions_time_out() {
+        let w = world();
+        let mut c = Client::new(&w, true);
+        c.send(HDR, w.t0);
+        let auth = B64.encode("\0alice\0pencil");
+        c.send(
+            &format!("<auth xmlns='{NS_SASL}' mechanism='PLAIN'>{auth}</auth>"),
+            w.t0,
+        );
+        assert!(c.c2s.is_authenticated());
+        let due = c.c2s.next_timeout().unwrap();
+        assert_eq!(due, w.t0 + Duration::from_secs(30));
+        c.c2s.on_timeout(due);
+        assert!(c.drain().contains("<connection-timeout"));
     }
 
     #[test]

@@ -47,6 +47,7 @@ pub struct ConnSettings {
     pub max_stanza_bytes: usize,
     pub max_depth: usize,
     pub outbound_queue: usize,
+    pub outbound_queue_bytes: usize,
     pub tls_handshake_timeout: Duration,
     /// Inbound bytes/s and burst for the token bucket; `None` = unlimited.
     pub inbound_rate: Option<(usize, usize)>,
@@ -90,7 +91,8 @@ pub async fn serve(
     settings: Arc<ConnSettings>,
     shutdown: CancellationToken,
 ) {
-    let handle = SessionHandle::new(settings.outbound_queue, peer);
+    let handle =
+        SessionHandle::with_limits(settings.outbound_queue, settings.outbound_queue_bytes, peer);
     let now = Instant::now().into_std();
     let mut conn = Conn {
         c2s: C2s::new(

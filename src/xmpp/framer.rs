@@ -609,6 +609,8 @@ fn validate_stanza(raw: &[u8]) -> Result<(usize, Option<(usize, usize)>), FrameE
     let mut depth = 0usize;
     let mut root: Option<(usize, Option<(usize, usize)>)> = None;
     let mut root_done = false;
+    // Namespace prefixes declared inside this stanza, with the depth that declared them.
+    let mut scope: Vec<(Vec<u8>, usize)> = Vec::new();
     loop {
         let ev = reader.read_event().map_err(|e| nwf(e.to_string()))?;
         if root_done && !matches!(ev, XmlEvent::Eof) {
@@ -618,6 +620,11 @@ fn validate_stanza(raw: &[u8]) -> Result<(usize, Option<(usize, usize)>), FrameE
             XmlEvent::Start(ref e) | XmlEvent::Empty(ref e) => {
                 let content: &[u8] = e;
                 let info = validate_tag(content)?;
+                // Declarations belong to this element's level and end with it.
+                check_prefixes(content, depth + 1, &mut scope)?;
+                if matches!(ev, XmlEvent::Empty(_)) {
+                    scope.retain(|&(_, d)| d <= depth);
+                }
                 if root.is_none() {
                     // Root content starts right after '<' at raw[1].
                     root = Some((info.name_len, info.xmlns.map(|(a, b)| (a + 1, b + 1))));
@@ -632,6 +639,7 @@ fn validate_stanza(raw: &[u8]) -> Result<(usize, Option<(usize, usize)>), FrameE
                 depth = depth
                     .checked_sub(1)
                     .ok_or_else(|| nwf("unexpected end tag"))?;
+                scope.retain(|&(_, d)| d <= depth);
                 if depth == 0 {
                     root_done = true;
                 }
@@ -659,6 +667,44 @@ fn validate_stanza(raw: &[u8]) -> Result<(usize, Option<(usize, usize)>), FrameE
         return Err(nwf("unclosed element"));
     }
     root.ok_or_else(|| nwf("no element"))
+}
+
+/// Every prefix a stanza uses must be declared inside the stanza itself (Namespaces in XML §5): routed
+/// stanzas are forwarded as raw bytes into other streams, where the sender's stream-header declarations
+/// do not exist, so an undeclared prefix would make the recipient's stream not namespace-well-formed.
+/// `xml:` is predeclared, and `stream:` is declared on every stream header Tern sends (RFC 6120 §4.8.5),
+/// so it stays well-formed wherever the stanza goes; `xmlns:` declares.
+fn check_prefixes(
+    content: &[u8],
+    depth: usize,
+    scope: &mut Vec<(Vec<u8>, usize)>,
+) -> Result<(), FrameError> {
+    let mut it = TagScan::new(content)?;
+    let name = content.get(..it.pos).unwrap_or_default();
+    let mut used: [Option<&[u8]>; 1] = [None];
+    let mut attr_prefixes: Vec<&[u8]> = Vec::new();
+    if let Some(i) = memchr::memchr(b':', name) {
+        used[0] = name.get(..i);
+    }
+    while let Some(a) = it.next_attr()? {
+        match a.name.strip_prefix(b"xmlns:") {
+            Some(p) => scope.push((p.to_vec(), depth)),
+            None => {
+                if let Some(i) = memchr::memchr(b':', a.name) {
+                    attr_prefixes.push(a.name.get(..i).unwrap_or_default());
+                }
+            }
+        }
+    }
+    for p in used.into_iter().flatten().chain(attr_prefixes) {
+        if p != b"xml" && p != b"stream" && !scope.iter().any(|(q, _)| q == p) {
+            return Err(nwf(format!(
+                "undeclared namespace prefix `{}`",
+                String::from_utf8_lossy(p)
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Parse and validate the stream header start tag `<name ...>` (RFC 6120 §4.7).
@@ -1854,6 +1900,39 @@ mod tests {
             "policy-violation"
         );
     }
+
+    #[test]
+    fn namespace_prefixes_must_be_declared_in_the_stanza() {
+        for ok in [
+            "<message><x:y xmlns:x='urn:x'/></message>",
+            "<message xmlns:x='urn:x'><a><x:y x:attr='1'/></a></message>",
+            "<message xml:lang='en'><body xml:lang='de'>x</body></message>",
+            "<iq type='set' id='1'><a xmlns:p='urn:p'/><b xmlns='urn:b'/></iq>",
+        ] {
+            let mut f = Framer::new(FramerLimits::default());
+            f.push(HDR_FOR_PREFIX_TEST.as_bytes());
+            f.push(ok.as_bytes());
+            assert!(matches!(f.next(), Ok(Some(Event::StreamOpen(_)))));
+            assert!(matches!(f.next(), Ok(Some(Event::Stanza(_)))), "{ok}");
+        }
+        for bad in [
+            "<message><x:y/></message>",
+            "<message><b x:attr='1'/></message>",
+            // A declaration ends with its element.
+            "<message><a xmlns:x='urn:x'/><x:y/></message>",
+            "<message><a xmlns:x='urn:x'></a><x:y/></message>",
+        ] {
+            let mut f = Framer::new(FramerLimits::default());
+            f.push(HDR_FOR_PREFIX_TEST.as_bytes());
+            f.push(bad.as_bytes());
+            assert!(matches!(f.next(), Ok(Some(Event::StreamOpen(_)))));
+            let e = f.next().expect_err(bad);
+            assert_eq!(e.condition(), "not-well-formed", "{bad}: {e}");
+        }
+    }
+
+    const HDR_FOR_PREFIX_TEST: &str = "<stream:stream xmlns='jabber:client' \
+        xmlns:stream='http://etherx.jabber.org/streams' version='1.0'>";
 
     #[test]
     fn garbage_never_panics() {

@@ -37,33 +37,48 @@ pub struct SessionHandle {
     pub id: u64,
     pub remote_addr: SocketAddr,
     pub connected_since: SystemTime,
-    queue: Mutex<VecDeque<Bytes>>,
+    queue: Mutex<Outbox>,
     capacity: usize,
+    max_bytes: usize,
     kick: AtomicU8,
     /// Woken on every push and on a kick.
     wake: Notify,
 }
 
-/// The session's queue holds `capacity` stanzas already.
+/// Stanzas waiting for the socket, and their total size.
+#[derive(Debug, Default)]
+struct Outbox {
+    items: VecDeque<Bytes>,
+    bytes: usize,
+}
+
+/// The session's queue is at its stanza or byte limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QueueFull;
 
 impl SessionHandle {
     /// `capacity`: stanzas that may wait before further ones are refused (`c2s.outbound_queue`).
     pub fn new(capacity: usize, remote_addr: SocketAddr) -> Arc<Self> {
+        Self::with_limits(capacity, usize::MAX, remote_addr)
+    }
+
+    /// As [`SessionHandle::new`], also refusing stanzas once `max_bytes` wait (`c2s.outbound_queue_bytes`);
+    /// one stanza is always accepted into an empty queue, however large.
+    pub fn with_limits(capacity: usize, max_bytes: usize, remote_addr: SocketAddr) -> Arc<Self> {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         Arc::new(Self {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             remote_addr,
             connected_since: SystemTime::now(),
-            queue: Mutex::new(VecDeque::new()),
+            queue: Mutex::new(Outbox::default()),
             capacity: capacity.max(1),
+            max_bytes,
             kick: AtomicU8::new(0),
             wake: Notify::new(),
         })
     }
 
-    fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<Bytes>> {
+    fn queue(&self) -> std::sync::MutexGuard<'_, Outbox> {
         // A panic while holding this lock cannot leave the deque inconsistent: keep using it.
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -72,10 +87,12 @@ impl SessionHandle {
     pub fn try_send(&self, stanza: Bytes) -> Result<(), QueueFull> {
         {
             let mut q = self.queue();
-            if q.len() >= self.capacity {
+            let over_bytes = !q.items.is_empty() && q.bytes + stanza.len() > self.max_bytes;
+            if q.items.len() >= self.capacity || over_bytes {
                 return Err(QueueFull);
             }
-            q.push_back(stanza);
+            q.bytes += stanza.len();
+            q.items.push_back(stanza);
         }
         self.wake.notify_one();
         Ok(())
@@ -84,16 +101,24 @@ impl SessionHandle {
     /// Move up to `max` queued stanzas into `out`; frees the queue's memory once it is empty.
     pub fn drain(&self, max: usize, out: &mut Vec<Bytes>) {
         let mut q = self.queue();
-        let n = q.len().min(max);
-        out.extend(q.drain(..n));
-        if q.is_empty() && q.capacity() > 0 {
-            *q = VecDeque::new();
+        let n = q.items.len().min(max);
+        let start = out.len();
+        out.extend(q.items.drain(..n));
+        let taken: usize = out
+            .get(start..)
+            .unwrap_or_default()
+            .iter()
+            .map(Bytes::len)
+            .sum();
+        q.bytes = q.bytes.saturating_sub(taken);
+        if q.items.is_empty() && q.items.capacity() > 0 {
+            q.items = VecDeque::new();
         }
     }
 
     /// Stanzas waiting.
     pub fn queued(&self) -> usize {
-        self.queue().len()
+        self.queue().items.len()
     }
 
     /// Ask the session's task to end with `why`; works even when its queue is full.
@@ -114,7 +139,7 @@ impl SessionHandle {
     /// comes between the check and the wait is kept by `Notify` as a permit, so none is lost.
     pub async fn ready(&self) {
         loop {
-            if self.kick_reason().is_some() || !self.queue().is_empty() {
+            if self.kick_reason().is_some() || !self.queue().items.is_empty() {
                 return;
             }
             self.wake.notified().await;
@@ -275,14 +300,24 @@ impl Router {
     }
 
     /// Record the resource's current presence; `None` makes it unavailable (but still connected).
-    pub fn set_presence(&self, full: &FullJid, presence: Option<(i8, Bytes)>) {
+    /// Only the session `session_id` is touched: a replaced session's late cleanup must not change the
+    /// presence of the session that took over its full JID.
+    pub fn set_presence(&self, full: &FullJid, session_id: u64, presence: Option<(i8, Bytes)>) {
         if let Some(mut resources) = self.accounts.get_mut(&full.to_bare())
             && let Some(r) = resources
                 .iter_mut()
-                .find(|r| r.name == full.resource().as_str())
+                .find(|r| r.name == full.resource().as_str() && r.handle.id == session_id)
         {
             r.presence = presence;
         }
+    }
+
+    /// True while `full` is bound to the session `session_id` (false once a new login replaced it).
+    pub fn is_current(&self, full: &FullJid, session_id: u64) -> bool {
+        self.accounts.get(&full.to_bare()).is_some_and(|rs| {
+            rs.iter()
+                .any(|r| r.name == full.resource().as_str() && r.handle.id == session_id)
+        })
     }
 
     /// Available presences of the account's resources, as (resource, stanza).
@@ -457,6 +492,18 @@ mod tests {
 
     const CHAT: Kind = Kind::Message(MessageType::Chat);
 
+    /// Set the presence of whichever session holds `jid`.
+    fn set(r: &Router, jid: &str, p: Option<(i8, Bytes)>) {
+        let j = full(jid);
+        let id = r
+            .sessions(&j.to_bare())
+            .into_iter()
+            .find(|(res, _)| res == j.resource().as_str())
+            .map(|(_, h)| h.id)
+            .expect("bound");
+        r.set_presence(&j, id, p);
+    }
+
     #[test]
     fn full_jid_delivery_and_fallback_to_bare() {
         let r = Router::new();
@@ -480,7 +527,7 @@ mod tests {
             r.route(&jid("a@d/y"), Kind::Presence, Bytes::new()),
             Delivery::Ignored
         );
-        r.set_presence(&full("a@d/x"), Some((0, Bytes::new())));
+        set(&r, "a@d/x", Some((0, Bytes::new())));
         assert_eq!(
             r.route(&jid("a@d/y"), CHAT, Bytes::from_static(b"2")),
             Delivery::Delivered(1)
@@ -497,9 +544,9 @@ mod tests {
         r.bind(&full("a@d/1"), h1).unwrap();
         r.bind(&full("a@d/2"), h2).unwrap();
         r.bind(&full("a@d/3"), h3).unwrap();
-        r.set_presence(&full("a@d/1"), Some((5, Bytes::new())));
-        r.set_presence(&full("a@d/2"), Some((5, Bytes::new())));
-        r.set_presence(&full("a@d/3"), Some((-1, Bytes::new())));
+        set(&r, "a@d/1", Some((5, Bytes::new())));
+        set(&r, "a@d/2", Some((5, Bytes::new())));
+        set(&r, "a@d/3", Some((-1, Bytes::new())));
         assert_eq!(
             r.route(&jid("a@d"), CHAT, Bytes::from_static(b"m")),
             Delivery::Delivered(2)
@@ -520,8 +567,8 @@ mod tests {
             Delivery::Unavailable
         );
         // Only negative priorities: chat is not delivered.
-        r.set_presence(&full("a@d/1"), None);
-        r.set_presence(&full("a@d/2"), None);
+        set(&r, "a@d/1", None);
+        set(&r, "a@d/2", None);
         assert_eq!(
             r.route(&jid("a@d"), CHAT, Bytes::new()),
             Delivery::Unavailable
@@ -538,6 +585,11 @@ mod tests {
         let old = r.bind(&full("a@d/x"), h2).unwrap().expect("replaced");
         assert_eq!(old.id, id1);
         r.unbind(&full("a@d/x"), id1); // the old session's cleanup must not remove the new one
+        r.set_presence(&full("a@d/x"), id1, Some((0, Bytes::new())));
+        assert!(
+            r.presences(&full("a@d/x").to_bare()).is_empty(),
+            "nor set its presence"
+        );
         assert_eq!(r.session_count(), 1);
         assert_eq!(
             r.route(&jid("a@d/x"), Kind::Iq, Bytes::new()),
@@ -603,7 +655,25 @@ mod tests {
         let mut out = Vec::new();
         h.drain(10, &mut out);
         assert_eq!(out, vec![Bytes::from_static(b"x")]);
-        assert_eq!(h.queue().capacity(), 0, "an idle queue holds no allocation");
+        assert_eq!(
+            h.queue().items.capacity(),
+            0,
+            "an idle queue holds no allocation"
+        );
+        assert_eq!(h.queue().bytes, 0);
+    }
+
+    #[test]
+    fn queue_is_bounded_in_bytes_too() {
+        let h = SessionHandle::with_limits(100, 10, "127.0.0.1:1".parse().unwrap());
+        // One stanza always fits into an empty queue, however large.
+        h.try_send(Bytes::from(vec![b'x'; 50])).unwrap();
+        assert_eq!(h.try_send(Bytes::from_static(b"y")), Err(QueueFull));
+        let mut out = Vec::new();
+        h.drain(10, &mut out);
+        h.try_send(Bytes::from(vec![b'x'; 6])).unwrap();
+        h.try_send(Bytes::from(vec![b'x'; 4])).unwrap();
+        assert_eq!(h.try_send(Bytes::from_static(b"z")), Err(QueueFull));
     }
 
     #[tokio::test]
