@@ -975,3 +975,14 @@ async fn resources_per_account_cap() {
     first.ping_server("still-there").await;
     server.assert_alive().await;
 }
+
+/// A stanza using a namespace prefix it does not declare would be forwarded into another stream where
+/// the prefix means nothing: the sender's stream ends with `not-well-formed` instead.
+#[tokio::test]
+async fn undeclared_namespace_prefix_is_not_well_formed() {
+    stream_error_after_login(
+        b"<message to='someone@localhost/r' type='chat'><x:y/></message>",
+        "not-well-formed",
+    )
+    .await;
+}
