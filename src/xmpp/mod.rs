@@ -13,3 +13,4 @@ pub mod framer;
 pub mod router;
 pub mod sasl;
 pub mod server_iq;
+pub mod sm;
