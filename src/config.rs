@@ -369,6 +369,14 @@ impl Config {
                 "must be at least 16 characters (e.g. `openssl rand -hex 32`), or left unset",
             );
         }
+        for n in &self.http.allow_networks {
+            if let Err(m) = n.parse::<crate::http::Cidr>() {
+                return Err(ConfigError::Invalid {
+                    key: "http.allow_networks",
+                    message: format!("`{n}`: {m} (expected CIDR such as `10.0.0.0/8`)"),
+                });
+            }
+        }
         if self.http.iq_timeout_secs == 0 {
             return invalid("http.iq_timeout_secs", "must be at least 1");
         }
@@ -588,6 +596,17 @@ mod tests {
         assert!(!red.contains("0123456789abcdef0123"), "{red}");
         assert_eq!(c.http.api_keys.len(), 2);
         assert!(!red.contains("key-one"), "{red}");
+    }
+
+    #[test]
+    fn bad_allow_network_is_named() {
+        let e = load_str("[http]\nallow_networks = [\"10.0.0.0/33\"]\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("http.allow_networks") && e.contains("10.0.0.0/33"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod http;
 pub mod limits;
 pub mod server;
 pub mod store;

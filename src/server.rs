@@ -36,6 +36,8 @@ pub enum ServerError {
     Store(#[from] crate::store::accounts::StoreError),
     #[error("listener `metrics.listen` on {addr}: {reason}")]
     Metrics { addr: SocketAddr, reason: String },
+    #[error("HTTP API: {0}")]
+    Http(String),
 }
 
 /// How long connections get to say goodbye on shutdown.
@@ -54,9 +56,7 @@ impl Server {
     /// Load certificates and accounts, bind every listener (all or nothing), start accepting.
     pub async fn start(config: &Config) -> Result<Server, ServerError> {
         raise_fd_limit();
-        if let Some(addr) = config.metrics.listen {
-            install_metrics(addr)?;
-        }
+        let metrics = metrics_handle();
         let tls = Tls::load(&config.server, &config.tls)?;
         let store = Arc::new(AccountStore::open(&config.server.data_dir)?);
         let router = Arc::new(Router::with_max_resources(
@@ -91,6 +91,46 @@ impl Server {
                 .then_some((limits.inbound_bytes_per_sec, limits.inbound_burst_bytes)),
         });
 
+        // The HTTP API (push, sessions, /rest/stream, health, metrics); bound with the other listeners.
+        let http = match config.http.listen {
+            None => None,
+            Some(addr) => {
+                let keys = if config.http.api_keys.is_empty() {
+                    let (key, path) = crate::http::load_or_create_api_key(&config.server.data_dir)
+                        .map_err(|e| {
+                            ServerError::Http(format!(
+                                "cannot create the API key in {}: {e}",
+                                config.server.data_dir.display()
+                            ))
+                        })?;
+                    tracing::info!(
+                        "HTTP API key in {} (no http.api_keys configured)",
+                        path.display()
+                    );
+                    vec![key]
+                } else {
+                    config.http.api_keys.clone()
+                };
+                let state = crate::http::HttpState::from_config(
+                    router.clone(),
+                    &config.server.domain,
+                    &config.http,
+                    keys,
+                    crate::xmpp::framer::FramerLimits {
+                        max_stanza_bytes: limits.max_stanza_bytes,
+                        max_depth: limits.max_depth,
+                    },
+                    Some(metrics.clone()),
+                )
+                .map_err(ServerError::Http)?;
+                Some((bind_http("http.listen", addr)?, Arc::new(state)))
+            }
+        };
+        let metrics_listener = match config.metrics.listen {
+            Some(addr) => Some(bind_http("metrics.listen", addr)?),
+            None => None,
+        };
+
         let mut listeners = Vec::new();
         for (kind, addrs) in [
             (ListenerKind::StartTls, &config.c2s.starttls_listen),
@@ -120,6 +160,24 @@ impl Server {
                 cancel.clone(),
                 tracker.clone(),
             ));
+        }
+        if let Some((listener, state)) = http {
+            if let Ok(a) = listener.local_addr() {
+                tracing::info!("HTTP API on http://{a} (push, sessions, /rest/stream, /metrics)");
+            }
+            let cancel = cancel.clone();
+            tracker.spawn(async move {
+                if let Err(e) = crate::http::serve(listener, state, cancel).await {
+                    tracing::error!("HTTP API stopped: {e}");
+                }
+            });
+        }
+        if let Some(listener) = metrics_listener {
+            if let Ok(a) = listener.local_addr() {
+                tracing::info!("Prometheus metrics on http://{a}/metrics");
+            }
+            let cancel = cancel.clone();
+            tracker.spawn(serve_metrics(listener, metrics.clone(), cancel));
         }
         tls.spawn_reloader(&config.tls, cancel.clone());
         Ok(Server {
@@ -190,26 +248,10 @@ async fn wait_for_signal() {
 }
 
 fn bind(kind: ListenerKind, addr: SocketAddr) -> Result<TcpListener, ServerError> {
-    let err = |e: std::io::Error| {
-        let reason = match e.kind() {
-            std::io::ErrorKind::AddrInUse => {
-                "address already in use (another process listens there; stop it or choose another port)"
-                    .to_string()
-            }
-            std::io::ErrorKind::PermissionDenied => format!(
-                "permission denied ({e}); ports below 1024 need root or CAP_NET_BIND_SERVICE \
-                 (`setcap cap_net_bind_service=+ep $(which tern)`)"
-            ),
-            std::io::ErrorKind::AddrNotAvailable => {
-                format!("address not available on this machine ({e})")
-            }
-            _ => e.to_string(),
-        };
-        ServerError::Bind {
-            listener: kind.name(),
-            addr,
-            reason,
-        }
+    let err = |e: std::io::Error| ServerError::Bind {
+        listener: kind.name(),
+        addr,
+        reason: bind_reason(&e),
     };
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()
@@ -220,6 +262,24 @@ fn bind(kind: ListenerKind, addr: SocketAddr) -> Result<TcpListener, ServerError
     socket.set_reuseaddr(true).map_err(err)?;
     socket.bind(addr).map_err(err)?;
     socket.listen(4096).map_err(err)
+}
+
+/// Why a listener could not be bound, with the fix.
+fn bind_reason(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::AddrInUse => {
+            "address already in use (another process listens there; stop it or choose another port)"
+                .to_string()
+        }
+        std::io::ErrorKind::PermissionDenied => format!(
+            "permission denied ({e}); ports below 1024 need root or CAP_NET_BIND_SERVICE \
+             (`setcap cap_net_bind_service=+ep $(which tern)`)"
+        ),
+        std::io::ErrorKind::AddrNotAvailable => {
+            format!("address not available on this machine ({e})")
+        }
+        _ => e.to_string(),
+    }
 }
 
 async fn accept_loop(
@@ -263,27 +323,58 @@ async fn accept_loop(
     }
 }
 
-/// Prometheus scrape endpoint. The recorder is process-global: a second server in the same process
-/// (tests) keeps using the first one's.
-fn install_metrics(addr: SocketAddr) -> Result<(), ServerError> {
-    // Bind first so a busy port is reported like every other listener's.
-    std::net::TcpListener::bind(addr).map_err(|e| ServerError::Metrics {
+/// The process-wide Prometheus recorder, installed on first use. A second server in the same process
+/// (tests) shares it.
+fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+        std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("a metrics recorder was already installed; /metrics will be empty");
+            }
+            handle
+        })
+        .clone()
+}
+
+/// Bind an HTTP listener, with the same operator-facing errors as the XMPP listeners.
+fn bind_http(key: &'static str, addr: SocketAddr) -> Result<TcpListener, ServerError> {
+    let std = std::net::TcpListener::bind(addr)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .map_err(|e| ServerError::Bind {
+            listener: key,
+            addr,
+            reason: bind_reason(&e),
+        })?;
+    TcpListener::from_std(std).map_err(|e| ServerError::Bind {
+        listener: key,
         addr,
         reason: e.to_string(),
-    })?;
-    match metrics_exporter_prometheus::PrometheusBuilder::new()
-        .with_http_listener(addr)
-        .install()
-    {
-        Ok(()) => {
-            tracing::info!("Prometheus metrics on http://{addr}/metrics");
-            Ok(())
-        }
-        Err(metrics_exporter_prometheus::BuildError::FailedToSetGlobalRecorder(_)) => Ok(()),
-        Err(e) => Err(ServerError::Metrics {
-            addr,
-            reason: e.to_string(),
+    })
+}
+
+/// The separate `[metrics] listen` endpoint: `GET /metrics` only, no authentication (bind it to a
+/// private address).
+async fn serve_metrics(
+    listener: TcpListener,
+    handle: metrics_exporter_prometheus::PrometheusHandle,
+    cancel: CancellationToken,
+) {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let handle = handle.clone();
+            async move { handle.render() }
         }),
+    );
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { cancel.cancelled().await })
+        .await;
+    if let Err(e) = served {
+        tracing::error!("metrics listener stopped: {e}");
     }
 }
 

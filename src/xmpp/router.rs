@@ -255,6 +255,11 @@ impl Router {
         }
     }
 
+    /// Snapshot of the accounts with at least one connected resource.
+    pub fn account_jids(&self) -> Vec<BareJid> {
+        self.accounts.iter().map(|e| e.key().clone()).collect()
+    }
+
     /// Number of bound sessions (all resources of all accounts).
     pub fn session_count(&self) -> usize {
         self.accounts.iter().map(|e| e.value().len()).sum()

@@ -25,6 +25,8 @@ use tokio::net::TcpStream;
 pub const DOMAIN: &str = "localhost";
 /// The device secret every test server is configured with.
 pub const DEVICE_SECRET: &str = "s3cret-device-secret-for-tests";
+/// API key of the test servers' HTTP API.
+pub const API_KEY: &str = "test-api-key-0123456789abcdef";
 /// Default bound for a single protocol step in tests.
 pub const STEP: Duration = Duration::from_secs(10);
 /// How long the server gets to start listening.
@@ -63,7 +65,12 @@ fn merge_toml(base: &mut toml::Table, extra: toml::Table) {
 }
 
 /// The configuration file the harness writes, before `extra_toml` is merged in.
-pub fn base_config(data_dir: &Path, starttls: SocketAddr, tls: SocketAddr) -> toml::Table {
+pub fn base_config(
+    data_dir: &Path,
+    starttls: SocketAddr,
+    tls: SocketAddr,
+    http: SocketAddr,
+) -> toml::Table {
     let text = format!(
         r#"
 [server]
@@ -78,6 +85,10 @@ ping_timeout_secs = 60
 
 [auth]
 device_secret = "{DEVICE_SECRET}"
+
+[http]
+listen = "{http}"
+api_keys = ["{API_KEY}"]
 
 [limits]
 max_stanza_bytes = 262144
@@ -101,6 +112,8 @@ pub struct TestServer {
     pub data_dir: PathBuf,
     pub starttls_addr: SocketAddr,
     pub tls_addr: SocketAddr,
+    /// The HTTP API (`[http] listen`), which accepts [`API_KEY`].
+    pub http_addr: SocketAddr,
     log_path: PathBuf,
     child: Option<Child>,
     exit_status: Option<ExitStatus>,
@@ -135,7 +148,8 @@ impl TestServer {
             let data_dir = dir.path().join("data");
             let starttls_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
             let tls_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-            let mut config = base_config(&data_dir, starttls_addr, tls_addr);
+            let http_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+            let mut config = base_config(&data_dir, starttls_addr, tls_addr, http_addr);
             merge_toml(&mut config, extra.clone());
             edit(&mut config);
             let config_path = dir.path().join("tern.toml");
@@ -151,6 +165,7 @@ impl TestServer {
                 data_dir,
                 starttls_addr,
                 tls_addr,
+                http_addr,
                 log_path,
                 child: None,
                 exit_status: None,
