@@ -38,6 +38,35 @@ pub struct Config {
     pub log: LogConfig,
     pub metrics: MetricsConfig,
     pub http: HttpConfig,
+    pub queue: PushQueueConfig,
+}
+
+/// The durable offline push queue (`{data_dir}/queue.redb`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PushQueueConfig {
+    /// Most pushes stored for one endpoint (bare JID); further pushes answer `queue full`.
+    pub max_per_endpoint: usize,
+    /// TTL of a push that names none, in seconds.
+    pub default_ttl_secs: u64,
+    /// Largest `ttl_secs` a push may ask for (422 beyond).
+    pub max_ttl_secs: u64,
+    /// Seconds a push status stays visible (`GET /api/v1/push/{id}`) after its last change.
+    pub status_retention_secs: u64,
+    /// Seconds between purges of expired pushes and old status records.
+    pub purge_interval_secs: u64,
+}
+
+impl Default for PushQueueConfig {
+    fn default() -> Self {
+        Self {
+            max_per_endpoint: 1000,
+            default_ttl_secs: 86_400,
+            max_ttl_secs: 2_592_000,
+            status_retention_secs: 604_800,
+            purge_interval_secs: 60,
+        }
+    }
 }
 
 /// The HTTP service API the management server posts pushes to.
@@ -344,6 +373,13 @@ impl Config {
             ("c2s.ping_timeout_secs", self.c2s.ping_timeout_secs),
             ("tls.reload_check_secs", self.tls.reload_check_secs),
             ("http.iq_timeout_secs", self.http.iq_timeout_secs),
+            ("queue.default_ttl_secs", self.queue.default_ttl_secs),
+            ("queue.max_ttl_secs", self.queue.max_ttl_secs),
+            (
+                "queue.status_retention_secs",
+                self.queue.status_retention_secs,
+            ),
+            ("queue.purge_interval_secs", self.queue.purge_interval_secs),
         ] {
             if v > YEAR {
                 return invalid(key, "must be at most 31536000 (one year)");
@@ -388,6 +424,24 @@ impl Config {
                 "http.api_keys",
                 "every key must be at least 16 characters (e.g. `openssl rand -hex 32`)",
             );
+        }
+        if self.queue.max_per_endpoint == 0 {
+            return invalid("queue.max_per_endpoint", "must be at least 1");
+        }
+        if self.queue.default_ttl_secs == 0 {
+            return invalid("queue.default_ttl_secs", "must be at least 1");
+        }
+        if self.queue.max_ttl_secs < self.queue.default_ttl_secs {
+            return invalid(
+                "queue.max_ttl_secs",
+                "must be at least `queue.default_ttl_secs`",
+            );
+        }
+        if self.queue.status_retention_secs == 0 {
+            return invalid("queue.status_retention_secs", "must be at least 1");
+        }
+        if self.queue.purge_interval_secs == 0 {
+            return invalid("queue.purge_interval_secs", "must be at least 1");
         }
         if self.auth.device_scram_iterations == 0 || self.auth.scram_iterations == 0 {
             return invalid(
@@ -584,10 +638,12 @@ mod tests {
                     "TERN_HTTP_API_KEYS",
                     "key-one-0123456789,key-two-0123456789",
                 ),
+                ("TERN_QUEUE_MAX_PER_ENDPOINT", "7"),
                 ("PATH", "/bin"),
             ],
         )
         .expect("load");
+        assert_eq!(c.queue.max_per_endpoint, 7);
         assert_eq!(c.server.domain, "b.example");
         assert_eq!(c.c2s.tls_listen.len(), 2);
         assert_eq!(c.limits.max_depth, 10);
@@ -659,5 +715,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("server.domain"), "{e}");
+        let e = load_str("[queue]\nmax_per_endpoint = 0\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("queue.max_per_endpoint"), "{e}");
     }
 }

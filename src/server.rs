@@ -38,6 +38,8 @@ pub enum ServerError {
     Metrics { addr: SocketAddr, reason: String },
     #[error("HTTP API: {0}")]
     Http(String),
+    #[error("durable offline queue (`[queue]`, {{data_dir}}/queue.redb): {0}")]
+    Queue(#[from] crate::store::queue::QueueError),
 }
 
 /// How long connections get to say goodbye on shutdown.
@@ -59,6 +61,7 @@ impl Server {
         let metrics = metrics_handle();
         let tls = Tls::load(&config.server, &config.tls)?;
         let store = Arc::new(AccountStore::open(&config.server.data_dir)?);
+        let queue = open_queue(config)?;
         let router = Arc::new(Router::with_max_resources(
             config.limits.max_resources_per_account,
         ));
@@ -89,6 +92,7 @@ impl Server {
             tls_handshake_timeout: Duration::from_secs(limits.tls_handshake_timeout_secs),
             inbound_rate: (limits.inbound_bytes_per_sec > 0)
                 .then_some((limits.inbound_bytes_per_sec, limits.inbound_burst_bytes)),
+            queue: Some(queue.clone()),
         });
 
         // The HTTP API (push, sessions, /rest/stream, health, metrics); bound with the other listeners.
@@ -111,7 +115,7 @@ impl Server {
                 } else {
                     config.http.api_keys.clone()
                 };
-                let state = crate::http::HttpState::from_config(
+                let mut state = crate::http::HttpState::from_config(
                     router.clone(),
                     &config.server.domain,
                     &config.http,
@@ -123,6 +127,9 @@ impl Server {
                     Some(metrics.clone()),
                 )
                 .map_err(ServerError::Http)?;
+                state.queue = Some(queue.clone());
+                state.default_ttl = Duration::from_secs(config.queue.default_ttl_secs);
+                state.max_ttl = Duration::from_secs(config.queue.max_ttl_secs);
                 Some((bind_http("http.listen", addr)?, Arc::new(state)))
             }
         };
@@ -179,6 +186,11 @@ impl Server {
             let cancel = cancel.clone();
             tracker.spawn(serve_metrics(listener, metrics.clone(), cancel));
         }
+        tracker.spawn(purge_loop(
+            queue,
+            Duration::from_secs(config.queue.purge_interval_secs.max(1)),
+            cancel.clone(),
+        ));
         tls.spawn_reloader(&config.tls, cancel.clone());
         Ok(Server {
             router,
@@ -198,6 +210,47 @@ impl Server {
             .is_err()
         {
             tracing::warn!("some connections did not close within {SHUTDOWN_GRACE:?}");
+        }
+    }
+}
+
+/// Open `{data_dir}/queue.redb` with the `[queue]` limits.
+fn open_queue(config: &Config) -> Result<crate::store::queue::PushQueue, ServerError> {
+    use crate::store::queue::{FILE_NAME, PushQueue, QueueConfig};
+    // The account store, opened first, has created data_dir.
+    let dir = &config.server.data_dir;
+    let cfg = QueueConfig {
+        max_per_endpoint: config.queue.max_per_endpoint,
+        status_retention: Duration::from_secs(config.queue.status_retention_secs),
+        ..QueueConfig::default()
+    };
+    Ok(PushQueue::open(&dir.join(FILE_NAME), cfg)?)
+}
+
+/// Periodically delete expired pushes (status `expired`) and old status records, until cancelled.
+async fn purge_loop(
+    queue: crate::store::queue::PushQueue,
+    every: Duration,
+    cancel: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match queue.purge_expired(std::time::SystemTime::now()).await {
+            Ok(r) if r.expired_items > 0 || r.purged_statuses > 0 => {
+                metrics::counter!("tern_queue_expired_total").increment(r.expired_items as u64);
+                tracing::info!(
+                    expired = r.expired_items,
+                    statuses = r.purged_statuses,
+                    "purged the offline queue"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot purge the offline queue"),
         }
     }
 }

@@ -81,6 +81,9 @@ async fn start(tune: impl FnOnce(&mut HttpState)) -> Api {
         max_body: 64 * 1024,
         limits: FramerLimits::default(),
         metrics: None,
+        queue: None,
+        default_ttl: Duration::from_secs(86_400),
+        max_ttl: Duration::from_secs(2_592_000),
     };
     tune(&mut state);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

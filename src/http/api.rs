@@ -10,10 +10,13 @@
 //! 422 well-formed JSON that makes no sense (missing `to`, no body/payload, bad type, invalid payload
 //! XML), 501 listing sessions until the router can enumerate accounts.
 //!
-//! Not yet: idempotency of a client-chosen `id` (it is used as the stanza id and echoed), `ttl_secs`
-//! (validated, unused until the durable queue), `GET /api/v1/push/{id}`, broadcast.
+//! - `GET /api/v1/push/{id}`: the per-recipient state kept by the durable queue.
+//!
+//! Offline recipients are stored in the durable queue (one batch per request) and answered
+//! `queued`; a client-chosen `id` makes storing idempotent. Not yet: broadcast.
 
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use axum::Json;
 use axum::body::Body;
@@ -26,6 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use super::rest_stream::{XmlError, parse_stanza};
 use super::{BodyError, HttpState, json_error, media_type, read_body, rfc3339};
+use crate::store::queue::{EnqueueOutcome, NewItem, PushState, StatusUpdate};
 use crate::xmpp::framer::escape;
 use crate::xmpp::router::{Delivery, Kick, Kind, MessageType};
 
@@ -34,28 +38,100 @@ use crate::xmpp::router::{Delivery, Kick, Kind, MessageType};
 pub(crate) enum Outcome {
     /// In a live session's outbound queue.
     Delivered,
-    /// Stored durably for later delivery. Produced by [`offline`] once the durable queue exists.
-    #[allow(dead_code)]
+    /// Stored durably (committed to disk) for later delivery.
     Queued,
+    /// The same push id was already seen for this recipient: its current state, nothing stored.
+    Duplicate(PushState),
     /// Not delivered; the reason as reported in the API (`offline`, `queue full`, ...).
     Error(&'static str),
 }
 
-/// Route a stanza to a user of this domain; the one entry point both push paths use.
-pub(crate) fn deliver(state: &HttpState, to: &Jid, kind: Kind, stanza: Bytes) -> Outcome {
-    match state.router.route(to, kind, stanza.clone()) {
-        Delivery::Delivered(_) => Outcome::Delivered,
-        Delivery::QueueFull => Outcome::Error("queue full"),
-        // Ignored: e.g. a headline to an unavailable resource; for a push that is "nobody took it".
-        Delivery::Unavailable | Delivery::Ignored => offline(state, to, kind, stanza),
+impl Outcome {
+    fn status(self) -> &'static str {
+        match self {
+            Outcome::Delivered => "delivered",
+            Outcome::Queued => "queued",
+            Outcome::Duplicate(s) => s.as_str(),
+            Outcome::Error(_) => "error",
+        }
     }
 }
 
-/// The single place that decides what happens to a stanza no live session could take. Today the
-/// answer is `offline`; the durable queue replaces this body with "store, then `Queued`" (messages
-/// only: presence and iqs to an offline endpoint are never stored).
-pub(crate) fn offline(_state: &HttpState, _to: &Jid, _kind: Kind, _stanza: Bytes) -> Outcome {
-    Outcome::Error("offline")
+/// Try the live sessions. `None`: nobody online took it and it is a message the durable queue
+/// should store (presence and iqs to an offline endpoint are never stored).
+pub(crate) fn deliver_live(
+    state: &HttpState,
+    to: &Jid,
+    kind: Kind,
+    stanza: Bytes,
+) -> Option<Outcome> {
+    match state.router.route(to, kind, stanza) {
+        Delivery::Delivered(_) => Some(Outcome::Delivered),
+        Delivery::QueueFull => Some(Outcome::Error("queue full")),
+        // Ignored: e.g. a headline to an unavailable resource; for a push that is "nobody took it".
+        Delivery::Unavailable | Delivery::Ignored => {
+            if state.queue.is_some() && matches!(kind, Kind::Message(_)) {
+                None
+            } else {
+                Some(Outcome::Error("offline"))
+            }
+        }
+    }
+}
+
+/// Route one stanza to a user of this domain, storing a message nobody online took (a fresh push
+/// id, the default TTL). Used by `/rest/stream`.
+pub(crate) async fn deliver(state: &HttpState, to: &Jid, kind: Kind, stanza: Bytes) -> Outcome {
+    match deliver_live(state, to, kind, stanza.clone()) {
+        Some(o) => o,
+        None => {
+            let id = uuid::Uuid::new_v4().to_string();
+            let item = (to.to_bare().to_string(), stanza);
+            store_offline(state, &id, vec![item], state.default_ttl)
+                .await
+                .pop()
+                .unwrap_or(Outcome::Error("offline"))
+        }
+    }
+}
+
+/// Store stanzas for offline recipients (normalised bare JID, exact stanza) in ONE enqueue (one
+/// commit, shared with concurrent requests by the queue's writer); one outcome per item, in order.
+pub(crate) async fn store_offline(
+    state: &HttpState,
+    push_id: &str,
+    items: Vec<(String, Bytes)>,
+    ttl: Duration,
+) -> Vec<Outcome> {
+    let n = items.len();
+    let Some(queue) = &state.queue else {
+        return vec![Outcome::Error("offline"); n];
+    };
+    let now = SystemTime::now();
+    let new: Vec<NewItem> = items
+        .into_iter()
+        .map(|(recipient, stanza)| NewItem {
+            push_id: push_id.to_string(),
+            recipient,
+            stanza,
+            created: now,
+            expires_at: now + ttl,
+        })
+        .collect();
+    match queue.enqueue(new).await {
+        Ok(outcomes) => outcomes
+            .into_iter()
+            .map(|o| match o {
+                EnqueueOutcome::Queued(_) => Outcome::Queued,
+                EnqueueOutcome::Full => Outcome::Error("queue full"),
+                EnqueueOutcome::Duplicate(s) => Outcome::Duplicate(s),
+            })
+            .collect(),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot store pushes for offline endpoints");
+            vec![Outcome::Error("queue unavailable"); n]
+        }
+    }
 }
 
 /// `to` of a push: one JID or a list.
@@ -184,9 +260,17 @@ pub async fn push(State(state): State<Arc<HttpState>>, headers: HeaderMap, body:
             ));
         }
     };
-    if req.ttl_secs == Some(0) {
-        return unprocessable("`ttl_secs` must be at least 1");
-    }
+    let ttl = match req.ttl_secs {
+        None => state.default_ttl,
+        Some(0) => return unprocessable("`ttl_secs` must be at least 1"),
+        Some(t) if Duration::from_secs(t) > state.max_ttl => {
+            return unprocessable(format!(
+                "`ttl_secs` must be at most {} (queue.max_ttl_secs)",
+                state.max_ttl.as_secs()
+            ));
+        }
+        Some(t) => Duration::from_secs(t),
+    };
     let id = match req.id {
         Some(id) if id.is_empty() || id.len() > MAX_ID_LEN || id.chars().any(char::is_control) => {
             return unprocessable(format!(
@@ -231,9 +315,65 @@ pub async fn push(State(state): State<Arc<HttpState>>, headers: HeaderMap, body:
         escape(&id),
         escape(&state.domain)
     );
-    let mut results = Vec::with_capacity(recipients.len());
+    let mut results: Vec<PushResult> = Vec::with_capacity(recipients.len());
+    // Recipients nobody online took: (index in `results`, bare JID, stanza), stored in one batch.
+    let mut offline = Vec::new();
+    let mut delivered = Vec::new();
     for to_str in recipients {
-        let result = push_one(&state, &to_str, kind, &head_rest, &children);
+        match push_one(&state, &to_str, kind, &head_rest, &children) {
+            Ok(result) => {
+                if result.status == "delivered" {
+                    delivered.push(result.to.clone());
+                }
+                results.push(result);
+            }
+            Err((bare, stanza)) => {
+                offline.push((results.len(), bare, stanza));
+                results.push(PushResult {
+                    to: to_str,
+                    status: "error",
+                    error: Some("offline"),
+                    detail: None,
+                });
+            }
+        }
+    }
+    if !offline.is_empty() {
+        let (slots, items): (Vec<usize>, Vec<(String, Bytes)>) =
+            offline.into_iter().map(|(i, b, s)| (i, (b, s))).unzip();
+        let outcomes = store_offline(&state, &id, items, ttl).await;
+        for (i, o) in slots.into_iter().zip(outcomes) {
+            if let Some(r) = results.get_mut(i) {
+                r.status = o.status();
+                r.error = match o {
+                    Outcome::Error(e) => Some(e),
+                    _ => None,
+                };
+            }
+        }
+    }
+    if let (Some(queue), false) = (&state.queue, delivered.is_empty()) {
+        // Best effort and off the answer's path: the push was delivered whatever happens here.
+        let now = SystemTime::now();
+        let updates = delivered
+            .into_iter()
+            .filter_map(|to| Jid::new(&to).ok())
+            .map(|to| StatusUpdate {
+                push_id: id.clone(),
+                recipient: to.to_bare().to_string(),
+                state: PushState::Delivered,
+                error: None,
+                at: now,
+            })
+            .collect();
+        let queue = queue.clone();
+        tokio::spawn(async move {
+            if let Err(e) = queue.set_status(updates).await {
+                tracing::warn!(error = %e, "cannot record delivered push status");
+            }
+        });
+    }
+    for result in &results {
         let label = match (result.status, result.error) {
             (s, None) => s,
             (_, Some("invalid JID")) => "invalid_jid",
@@ -243,19 +383,58 @@ pub async fn push(State(state): State<Arc<HttpState>>, headers: HeaderMap, body:
             (_, Some(_)) => "offline",
         };
         metrics::counter!("tern_pushes_total", "outcome" => label).increment(1);
-        results.push(result);
     }
     (StatusCode::OK, Json(PushResponse { id, results })).into_response()
 }
 
+#[derive(Debug, Serialize)]
+struct StatusResult {
+    to: String,
+    status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+/// `GET /api/v1/push/{id}`: every recipient's state (404 when the id is unknown or past its
+/// retention).
+pub async fn push_status(State(state): State<Arc<HttpState>>, Path(id): Path<String>) -> Response {
+    let Some(queue) = &state.queue else {
+        return json_error(StatusCode::NOT_FOUND, "push status is not kept (no queue)");
+    };
+    match queue.status(&id) {
+        Ok(Some(st)) => Json(serde_json::json!({
+            "id": st.push_id,
+            "results": st
+                .results
+                .into_iter()
+                .map(|r| StatusResult {
+                    to: r.recipient,
+                    status: r.state.as_str(),
+                    error: r.error,
+                })
+                .collect::<Vec<_>>(),
+        }))
+        .into_response(),
+        Ok(None) => json_error(StatusCode::NOT_FOUND, format!("no push with id `{id}`")),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read push status");
+            json_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "cannot read the push status",
+            )
+        }
+    }
+}
+
 /// Validate one recipient, build its stanza and deliver it.
+/// `Err((bare JID, stanza))`: nobody online took it; the caller stores it.
 fn push_one(
     state: &HttpState,
     to_str: &str,
     kind: Kind,
     head_rest: &str,
     children: &str,
-) -> PushResult {
+) -> Result<PushResult, (String, Bytes)> {
     let fail = |error, detail: String| PushResult {
         to: to_str.to_string(),
         status: "error",
@@ -264,19 +443,19 @@ fn push_one(
     };
     let to = match Jid::new(to_str) {
         Ok(j) => j,
-        Err(e) => return fail("invalid JID", format!("`{to_str}`: {e}")),
+        Err(e) => return Ok(fail("invalid JID", format!("`{to_str}`: {e}"))),
     };
     if to.domain().as_str() != state.domain {
-        return fail(
+        return Ok(fail(
             "unknown domain",
             format!("this server delivers only to {}", state.domain),
-        );
+        ));
     }
     if to.node().is_none() {
-        return fail(
+        return Ok(fail(
             "invalid JID",
             format!("`{to}` is the server itself: address a user JID"),
-        );
+        ));
     }
     let to_norm = to.to_string();
     let stanza = format!(
@@ -284,33 +463,26 @@ fn push_one(
         escape(&to_norm)
     );
     if stanza.len() > state.limits.max_stanza_bytes {
-        return fail(
+        return Ok(fail(
             "payload too large",
             format!(
                 "the message would exceed {} bytes (limits.max_stanza_bytes)",
                 state.limits.max_stanza_bytes
             ),
-        );
+        ));
     }
-    match deliver(state, &to, kind, Bytes::from(stanza)) {
-        Outcome::Delivered => PushResult {
+    let stanza = Bytes::from(stanza);
+    match deliver_live(state, &to, kind, stanza.clone()) {
+        None => Err((to.to_bare().to_string(), stanza)),
+        Some(o) => Ok(PushResult {
             to: to_str.to_string(),
-            status: "delivered",
-            error: None,
+            status: o.status(),
+            error: match o {
+                Outcome::Error(e) => Some(e),
+                _ => None,
+            },
             detail: None,
-        },
-        Outcome::Queued => PushResult {
-            to: to_str.to_string(),
-            status: "queued",
-            error: None,
-            detail: None,
-        },
-        Outcome::Error(e) => PushResult {
-            to: to_str.to_string(),
-            status: "error",
-            error: Some(e),
-            detail: None,
-        },
+        }),
     }
 }
 

@@ -52,6 +52,12 @@ pub struct HttpState {
     pub limits: FramerLimits,
     /// Renders `GET /metrics`; `None` gives 404 there.
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// The durable offline queue; `None`: pushes to offline endpoints answer error `offline`.
+    pub queue: Option<crate::store::queue::PushQueue>,
+    /// TTL of a push that names none (`queue.default_ttl_secs`).
+    pub default_ttl: Duration,
+    /// Largest TTL a push may ask for (`queue.max_ttl_secs`).
+    pub max_ttl: Duration,
 }
 
 impl std::fmt::Debug for HttpState {
@@ -98,6 +104,9 @@ impl HttpState {
             max_body: config.max_body_bytes,
             limits,
             metrics,
+            queue: None,
+            default_ttl: Duration::from_secs(86_400),
+            max_ttl: Duration::from_secs(2_592_000),
         })
     }
 }
@@ -109,6 +118,7 @@ pub fn router(state: Arc<HttpState>) -> axum::Router {
         .route("/rest/stream/", post(rest_stream::post_stream))
         .route("/rest/stream/{*jid}", post(rest_stream::post_stream_to))
         .route("/api/v1/push", post(api::push))
+        .route("/api/v1/push/{id}", get(api::push_status))
         .route("/api/v1/sessions", get(api::list_sessions))
         .route(
             "/api/v1/sessions/{*jid}",

@@ -12,8 +12,9 @@
 //!   presence (the management server may send as a service account), but an `<iq>`'s `from` must be
 //!   the domain (optionally with a resource), or its reply would not come back to the server.
 //! - message/presence → 200 with an empty body whatever happened, as Tigase does; the outcome is in
-//!   the `X-Tern-Delivery` header (`delivered`, `offline`, `queue-full`). Offline messages go through
-//!   [`super::api::offline`], the single place the durable queue will take over.
+//!   the `X-Tern-Delivery` header (`delivered`, `queued`, `offline`, `queue-full`). Messages nobody
+//!   online takes (with or without a `<body>`) are stored in the durable queue through
+//!   [`super::api::deliver`], the same path `POST /api/v1/push` uses.
 //! - `<iq type='get|set'>` → sent with a fresh unguessable id (`tern-http-<uuid>`), so that concurrent
 //!   requests reusing an id cannot collide and no one can forge the reply; the reply (stamped with the
 //!   replier's real full JID by the c2s session) is returned as `application/xml` 200 with the
@@ -200,10 +201,10 @@ async fn handle(
         let client_id = stanza.id().map(Cow::into_owned);
         return iq_round_trip(state, &to, &from, client_id, &stamped).await;
     }
-    let outcome = deliver(state, &to, kind, stamped);
+    let outcome = deliver(state, &to, kind, stamped).await;
     let label = match outcome {
         Outcome::Delivered => "delivered",
-        Outcome::Queued => "queued",
+        Outcome::Queued | Outcome::Duplicate(_) => "queued",
         Outcome::Error("queue full") => "queue-full",
         Outcome::Error(_) => "offline",
     };

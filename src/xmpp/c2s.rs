@@ -157,6 +157,11 @@ impl C2s {
         self.jid.as_ref()
     }
 
+    /// True once the bound session has sent available presence (RFC 6121 §4.2).
+    pub fn is_available(&self) -> bool {
+        self.available
+    }
+
     pub fn is_authenticated(&self) -> bool {
         self.username.is_some()
     }

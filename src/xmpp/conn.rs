@@ -21,6 +21,7 @@ use super::c2s::{Action, C2s, C2sContext};
 use super::framer::{Framer, FramerLimits};
 use super::router::SessionHandle;
 use crate::limits::TokenBucket;
+use crate::store::queue::{PushQueue, PushState};
 
 /// How a listener's connections start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +52,8 @@ pub struct ConnSettings {
     pub tls_handshake_timeout: Duration,
     /// Inbound bytes/s and burst for the token bucket; `None` = unlimited.
     pub inbound_rate: Option<(usize, usize)>,
+    /// The durable offline queue, replayed when a session becomes available; `None` = no queue.
+    pub queue: Option<PushQueue>,
 }
 
 impl ConnSettings {
@@ -110,6 +113,7 @@ pub async fn serve(
         shutdown,
         peer,
         reparse: false,
+        queue: settings.queue.clone(),
     };
     // The socket lives here and `run` borrows it, so the task stores one stream, not two.
     let result = async {
@@ -185,6 +189,8 @@ struct Conn {
     peer: SocketAddr,
     /// Parsing stopped early for a restart; buffered bytes remain to be parsed.
     reparse: bool,
+    /// The offline queue, until it has been replayed to this session (then `None`).
+    queue: Option<PushQueue>,
 }
 
 impl Conn {
@@ -232,6 +238,16 @@ impl Conn {
                 }
             }
             write_flush(io, &out).await?;
+            // Once the session is available, pushes stored while it was offline go out first, before
+            // anything routed to it live (those wait in the handle, drained below).
+            if self.c2s.is_available()
+                && !self.c2s.is_closed()
+                && let Some(jid) = self.c2s.jid()
+                && let Some(queue) = self.queue.take()
+            {
+                let bare = jid.to_bare().to_string();
+                replay(io, &queue, &bare).await?;
+            }
             // Bytes that arrived behind a stream restart are parsed only now, after the restart.
             if self.reparse {
                 self.reparse = false;
@@ -284,6 +300,46 @@ impl Conn {
                 _ = sleep_until_opt(deadline) => self.c2s.on_timeout(Instant::now().into_std()),
             }
         }
+    }
+}
+
+/// Stored pushes written per batch during a replay.
+const REPLAY_BATCH: usize = 100;
+
+/// Write every stored push of `bare` to `io`, oldest first, removing each batch (status
+/// `delivered`) only after it was written and flushed: at-least-once delivery.
+async fn replay<S: AsyncWrite + Unpin>(
+    io: &mut S,
+    queue: &PushQueue,
+    bare: &str,
+) -> std::io::Result<()> {
+    loop {
+        let items = match queue.peek(bare, std::time::SystemTime::now(), REPLAY_BATCH) {
+            Ok(items) => items,
+            Err(e) => {
+                tracing::warn!(jid = bare, error = %e, "cannot read the offline queue");
+                return Ok(());
+            }
+        };
+        if items.is_empty() {
+            return Ok(());
+        }
+        let n = items.len();
+        let mut out = Vec::with_capacity(items.iter().map(|i| i.stanza.len()).sum());
+        for i in &items {
+            out.extend_from_slice(&i.stanza);
+        }
+        write_flush(io, &out).await?;
+        metrics::counter!("tern_stanzas_out_total").increment(n as u64);
+        let keys = items.into_iter().map(|i| i.key).collect();
+        if let Err(e) = queue
+            .remove_and_mark(keys, PushState::Delivered, std::time::SystemTime::now())
+            .await
+        {
+            tracing::warn!(jid = bare, error = %e, "cannot remove replayed pushes from the queue");
+            return Ok(());
+        }
+        tracing::debug!(jid = bare, pushes = n, "replayed stored pushes");
     }
 }
 

@@ -264,6 +264,35 @@ impl TestServer {
         assert_eq!(rc, 0, "kill(SIGTERM) failed");
     }
 
+    /// `kill -9` the server and reap it: no shutdown code runs.
+    pub fn kill9(&mut self) {
+        let pid = self.pid() as libc::pid_t;
+        // SAFETY: plain kill(2) on the pid of a child we spawned and have not reaped yet.
+        let rc = unsafe { libc::kill(pid, libc::SIGKILL) };
+        assert_eq!(rc, 0, "kill(SIGKILL) failed");
+        let status = self
+            .wait_exit(STEP)
+            .expect("server did not die after SIGKILL");
+        assert!(
+            !status.success(),
+            "killed server exited successfully: {status}"
+        );
+    }
+
+    /// Starts the server again with the same config file, data directory and ports, after it
+    /// exited (see [`TestServer::kill9`], [`TestServer::sigterm`]).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "restart: the server is still running");
+        self.exit_status = None;
+        let first_log = self.log();
+        if let Err(e) = self.spawn_and_wait() {
+            panic!(
+                "tern serve did not come back: {e}\n--- first run ---\n{first_log}\n--- restart ---\n{}",
+                self.log()
+            );
+        }
+    }
+
     /// Waits (bounded) for the server process to exit and returns its status.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         if let Some(status) = self.exit_status {
