@@ -189,3 +189,95 @@ fn slixmpp_device_credential_login() {
         "expected an authentication failure: {v:#}"
     );
 }
+
+/// Pushes through the HTTP API reach a slixmpp endpoint: two stored while it was offline (delivered in
+/// order at login), then one live.
+#[test]
+fn slixmpp_receives_queued_and_live_pushes() {
+    if !slixmpp_available() {
+        return;
+    }
+    let server = TestServer::start("");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let jid = "agent-sli@localhost";
+    let push = |body: &str, id: &str| {
+        let url = format!("http://{}/api/v1/push", server.http_addr);
+        let body = serde_json::json!({"to": jid, "body": body, "type": "chat", "id": id});
+        rt.block_on(async move {
+            let r = reqwest::Client::new()
+                .post(url)
+                .bearer_auth(common::API_KEY)
+                .json(&body)
+                .send()
+                .await
+                .expect("push");
+            r.json::<Value>().await.expect("json")
+        })
+    };
+    assert_eq!(push("first ✓", "p1")["results"][0]["status"], "queued");
+    assert_eq!(push(TRICKY_BODY, "p2")["results"][0]["status"], "queued");
+
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/slixmpp_client.py");
+    let child = Command::new(PYTHON)
+        .arg(script)
+        .arg("--ca")
+        .arg(server.selfsigned_cert_path())
+        .args(["--mode", "receive", "--expect", "3", "--direct"])
+        .args(["--port", &server.tls_addr.port().to_string()])
+        .args([
+            "--jid1",
+            &format!("{jid}/sli"),
+            "--pw1",
+            &server.device_password(jid),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start slixmpp");
+
+    // Once the endpoint is online, a live push.
+    let online = format!("http://{}/api/v1/sessions/{jid}", server.http_addr);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let v: Value = rt.block_on(async {
+            reqwest::Client::new()
+                .get(&online)
+                .bearer_auth(common::API_KEY)
+                .send()
+                .await
+                .expect("session")
+                .json()
+                .await
+                .expect("json")
+        });
+        if v["resources"][0]["available"] == Value::Bool(true) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "slixmpp never came online"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(push("live", "p3")["results"][0]["status"], "delivered");
+
+    let out = child.wait_with_output().expect("slixmpp output");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let v: Value =
+        serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap_or_else(|e| {
+            panic!(
+                "no JSON ({e}): {stdout}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    assert_ok(&v);
+    let bodies: Vec<&str> = v["received"]
+        .as_array()
+        .expect("received")
+        .iter()
+        .map(|m| m["body"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(bodies, vec!["first ✓", TRICKY_BODY, "live"], "{v:#}");
+    assert_eq!(v["received"][0]["from"], "localhost", "{v:#}");
+    assert_eq!(v["received"][0]["id"], "p1", "{v:#}");
+}

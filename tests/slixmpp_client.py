@@ -7,6 +7,7 @@ Modes:
   exchange  log in two clients, exchange messages (full JID and bare JID), ping and disco the server,
             fetch the roster, route an iq from one client to the other
   login     log in one client, ping the server
+  receive   log in one client and collect --expect messages (pushes), in arrival order
 """
 
 import argparse
@@ -107,6 +108,14 @@ async def run(args):
         if args.mode == "login":
             result["ok"] = result["ping_ok"]
             return result
+        if args.mode == "receive":
+            received = []
+            for _ in range(args.expect):
+                msg = await asyncio.wait_for(a.messages.get(), args.timeout)
+                received.append({"body": msg["body"], "from": msg["from"].full, "id": msg["id"]})
+            result["received"] = received
+            result["ok"] = True
+            return result
 
         info = await a["xep_0030"].get_info(jid=args.domain, timeout=10)
         result["disco_identities"] = [list(map(str, i)) for i in info["disco_info"]["identities"]]
@@ -150,7 +159,8 @@ async def run(args):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--mode", choices=["exchange", "login"], default="exchange")
+    p.add_argument("--mode", choices=["exchange", "login", "receive"], default="exchange")
+    p.add_argument("--expect", type=int, default=1, help="messages to collect in receive mode")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--direct", action="store_true", help="direct TLS instead of STARTTLS")
