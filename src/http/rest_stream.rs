@@ -36,10 +36,9 @@ use quick_xml::events::Event as XmlEvent;
 
 use super::api::{Outcome, deliver};
 use super::{BodyError, HttpState, media_type, read_body};
+use crate::xmpp::c2s::stanza_error;
 use crate::xmpp::framer::{Event, Framer, FramerLimits, Stanza, escape};
 use crate::xmpp::router::{Delivery, Kind, MessageType};
-
-const NS_STANZAS: &str = "urn:ietf:params:xml:ns:xmpp-stanzas";
 
 /// The synthetic stream header posted XML is parsed under, so it gets the c2s rules and namespace.
 const STREAM_HEADER: &[u8] = b"<stream:stream xmlns='jabber:client' \
@@ -248,8 +247,8 @@ async fn iq_round_trip(
         xml_reply(stanza_error(
             "iq",
             &reply_id,
-            &to.to_string(),
-            from,
+            Some(to.as_str()),
+            Some(from),
             etype,
             cond,
         ))
@@ -272,23 +271,6 @@ async fn iq_round_trip(
             error("wait", "remote-server-timeout")
         }
     }
-}
-
-/// An RFC 6120 §8.3 stanza error from `from` to `to`.
-pub(crate) fn stanza_error(
-    name: &str,
-    id: &str,
-    from: &str,
-    to: &str,
-    etype: &str,
-    cond: &str,
-) -> String {
-    format!(
-        "<{name} type='error' id='{}' from='{}' to='{}'><error type='{etype}'><{cond} xmlns='{NS_STANZAS}'/></error></{name}>",
-        escape(id),
-        escape(from),
-        escape(to),
-    )
 }
 
 /// Why posted XML was refused.

@@ -506,7 +506,14 @@ impl C2s {
                 self.bind(stanza, &id)
             }
             // RFC 6120 §7.1: only binding is possible before a resource is bound.
-            _ => self.write(iq_error(&id, None, "auth", "not-authorized")),
+            _ => self.write(stanza_error(
+                "iq",
+                &id,
+                None,
+                None,
+                "auth",
+                "not-authorized",
+            )),
         }
     }
 
@@ -523,7 +530,7 @@ impl C2s {
         let resource = requested.unwrap_or_else(|| format!("tern-{:016x}", rand::random::<u64>()));
         let Ok(jid) = FullJid::new(&format!("{user}@{}/{resource}", self.ctx.domain)) else {
             // RFC 6120 §7.7.2.1: a resource that cannot be processed is `bad-request`.
-            return self.write(iq_error(id, None, "modify", "bad-request"));
+            return self.write(stanza_error("iq", id, None, None, "modify", "bad-request"));
         };
         // Credentials were checked for the lower-cased username; the bound identity is its nodeprep
         // form. They must be the same account, or a look-alike name (e.g. full-width letters) could
@@ -541,7 +548,14 @@ impl C2s {
                     .increment(1);
                 tracing::info!(peer = %self.peer, jid = %jid, "bind refused: {e}");
                 // RFC 6120 §7.6.2.1: resource-constraint, the client may try again later.
-                return self.write(iq_error(id, None, "wait", "resource-constraint"));
+                return self.write(stanza_error(
+                    "iq",
+                    id,
+                    None,
+                    None,
+                    "wait",
+                    "resource-constraint",
+                ));
             }
         }
         metrics::gauge!("tern_sessions").increment(1.0);
@@ -702,17 +716,17 @@ impl C2s {
         {
             return;
         }
-        let id = stanza.id().map(|s| s.into_owned()).unwrap_or_default();
-        let from = stanza.to().map(|s| s.into_owned());
-        let name = stanza.name();
-        let from_attr = from
-            .map(|f| format!(" from='{}'", escape(&f)))
-            .unwrap_or_default();
-        self.write(format!(
-            "<{name} type='error' id='{}'{from_attr} to='{}'><error type='{etype}'><{cond} xmlns='{NS_STANZAS}'/></error></{name}>",
-            escape(&id),
-            escape(me.as_str()),
-        ));
+        let id = stanza.id().unwrap_or_default();
+        let from = stanza.to();
+        let reply = stanza_error(
+            stanza.name(),
+            &id,
+            from.as_deref(),
+            Some(me.as_str()),
+            etype,
+            cond,
+        );
+        self.write(reply);
     }
 
     // ---- Output helpers --------------------------------------------------------------------------
@@ -779,14 +793,25 @@ fn decode_sasl_payload(text: &str) -> Result<Option<Vec<u8>>, ()> {
     }
 }
 
-/// An iq error reply (RFC 6120 §8.3.2).
-pub fn iq_error(id: &str, to: Option<&str>, etype: &str, cond: &str) -> String {
-    let to = to
-        .map(|t| format!(" to='{}'", escape(t)))
-        .unwrap_or_default();
+/// A stanza error (RFC 6120 §8.3.2): `<name type='error' id from to><error type><cond/></error></name>`.
+/// Used for bounces, iq errors during binding and HTTP-originated iqs.
+pub fn stanza_error(
+    name: &str,
+    id: &str,
+    from: Option<&str>,
+    to: Option<&str>,
+    etype: &str,
+    cond: &str,
+) -> String {
+    let attr = |k: &str, v: Option<&str>| {
+        v.map(|v| format!(" {k}='{}'", escape(v)))
+            .unwrap_or_default()
+    };
     format!(
-        "<iq type='error' id='{}'{to}><error type='{etype}'><{cond} xmlns='{NS_STANZAS}'/></error></iq>",
-        escape(id)
+        "<{name} type='error' id='{}'{}{}><error type='{etype}'><{cond} xmlns='{NS_STANZAS}'/></error></{name}>",
+        escape(id),
+        attr("from", from),
+        attr("to", to),
     )
 }
 

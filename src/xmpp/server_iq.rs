@@ -135,9 +135,6 @@ fn disco_info(server: bool) -> DiscoInfoResult {
 fn stanza_error(cond: DefinedCondition) -> StanzaError {
     let type_ = match cond {
         DefinedCondition::BadRequest => ErrorType::Modify,
-        DefinedCondition::NotAllowed
-        | DefinedCondition::ServiceUnavailable
-        | DefinedCondition::ItemNotFound => ErrorType::Cancel,
         _ => ErrorType::Cancel,
     };
     StanzaError {
