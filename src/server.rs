@@ -130,11 +130,11 @@ impl Server {
                 state.queue = Some(queue.clone());
                 state.default_ttl = Duration::from_secs(config.queue.default_ttl_secs);
                 state.max_ttl = Duration::from_secs(config.queue.max_ttl_secs);
-                Some((bind_http("http.listen", addr)?, Arc::new(state)))
+                Some((bind("http.listen", addr)?, Arc::new(state)))
             }
         };
         let metrics_listener = match config.metrics.listen {
-            Some(addr) => Some(bind_http("metrics.listen", addr)?),
+            Some(addr) => Some(bind("metrics.listen", addr)?),
             None => None,
         };
 
@@ -144,7 +144,7 @@ impl Server {
             (ListenerKind::DirectTls, &config.c2s.tls_listen),
         ] {
             for addr in addrs {
-                listeners.push((kind, bind(kind, *addr)?));
+                listeners.push((kind, bind(kind.name(), *addr)?));
             }
         }
 
@@ -300,9 +300,10 @@ async fn wait_for_signal() {
     }
 }
 
-fn bind(kind: ListenerKind, addr: SocketAddr) -> Result<TcpListener, ServerError> {
+/// Bind a listener; errors name its config key (`listener`) and the fix.
+fn bind(listener: &'static str, addr: SocketAddr) -> Result<TcpListener, ServerError> {
     let err = |e: std::io::Error| ServerError::Bind {
-        listener: kind.name(),
+        listener,
         addr,
         reason: bind_reason(&e),
     };
@@ -391,22 +392,6 @@ fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
             handle
         })
         .clone()
-}
-
-/// Bind an HTTP listener, with the same operator-facing errors as the XMPP listeners.
-fn bind_http(key: &'static str, addr: SocketAddr) -> Result<TcpListener, ServerError> {
-    let std = std::net::TcpListener::bind(addr)
-        .and_then(|l| l.set_nonblocking(true).map(|()| l))
-        .map_err(|e| ServerError::Bind {
-            listener: key,
-            addr,
-            reason: bind_reason(&e),
-        })?;
-    TcpListener::from_std(std).map_err(|e| ServerError::Bind {
-        listener: key,
-        addr,
-        reason: e.to_string(),
-    })
 }
 
 /// The separate `[metrics] listen` endpoint: `GET /metrics` only, no authentication (bind it to a
