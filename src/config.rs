@@ -39,6 +39,73 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub http: HttpConfig,
     pub queue: PushQueueConfig,
+    pub sm: StreamMgmtConfig,
+    pub webhooks: WebhooksConfig,
+}
+
+/// XEP-0198 stream management.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StreamMgmtConfig {
+    /// Longest resumption window granted, in seconds (XEP-0198 §5 `max`); 0 disables resumption.
+    pub resume_window_secs: u64,
+    /// Ask the client for an ack after this many unacknowledged stanzas.
+    pub request_every: u32,
+    /// ... or once the oldest unrequested stanza is this many seconds old.
+    pub request_after_secs: u64,
+    /// Unacknowledged stanzas one stream may hold; beyond, the stream is closed (`policy-violation`).
+    pub max_unacked_stanzas: usize,
+    /// The same bound in bytes.
+    pub max_unacked_bytes: usize,
+    /// Detached sessions kept for resumption; beyond, the oldest are given up (pushes requeued).
+    pub max_detached: usize,
+}
+
+impl Default for StreamMgmtConfig {
+    fn default() -> Self {
+        Self {
+            resume_window_secs: 300,
+            request_every: 5,
+            request_after_secs: 30,
+            max_unacked_stanzas: 1000,
+            max_unacked_bytes: 4 * 1024 * 1024,
+            max_detached: 10_000,
+        }
+    }
+}
+
+/// Online/offline events POSTed as JSON to the management server.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhooksConfig {
+    /// URLs (http:// or https://) that receive every event batch; empty disables webhooks.
+    pub urls: Vec<String>,
+    /// Key of the `X-Tern-Signature: sha256=<hex HMAC-SHA256(secret, body)>` header; unset sends none.
+    pub secret: Option<String>,
+    /// Most events in one POST.
+    pub batch_max: usize,
+    /// Milliseconds an event may wait for others to join its batch.
+    pub batch_delay_ms: u64,
+    /// Attempts per batch and URL (exponential back-off between them) before it is dropped and counted.
+    pub max_attempts: u32,
+    /// Seconds one POST may take.
+    pub timeout_secs: u64,
+    /// Events waiting for delivery; beyond, new events are dropped and counted.
+    pub max_pending: usize,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        Self {
+            urls: Vec::new(),
+            secret: None,
+            batch_max: 100,
+            batch_delay_ms: 200,
+            max_attempts: 8,
+            timeout_secs: 5,
+            max_pending: 100_000,
+        }
+    }
 }
 
 /// The durable offline push queue (`{data_dir}/queue.redb`).
@@ -83,6 +150,10 @@ pub struct HttpConfig {
     pub iq_timeout_secs: u64,
     /// Largest request body accepted, in bytes (413 beyond).
     pub max_body_bytes: usize,
+    /// Sustained requests per second accepted from one client address (429 beyond); 0 = unlimited.
+    pub rate_limit_per_sec: u32,
+    /// Requests one client address may burst above the sustained rate.
+    pub rate_limit_burst: u32,
 }
 
 impl Default for HttpConfig {
@@ -93,6 +164,8 @@ impl Default for HttpConfig {
             allow_networks: Vec::new(),
             iq_timeout_secs: 30,
             max_body_bytes: 1024 * 1024,
+            rate_limit_per_sec: 10_000,
+            rate_limit_burst: 20_000,
         }
     }
 }
@@ -162,6 +235,9 @@ pub struct C2sConfig {
     pub outbound_queue: usize,
     /// Bytes that may wait for one slow client (one stanza is always accepted into an empty queue).
     pub outbound_queue_bytes: usize,
+    /// Bare JIDs (e.g. the management server's account) that receive every endpoint's presence,
+    /// like Tigase's presence forwarding.
+    pub presence_observers: Vec<String>,
 }
 
 impl Default for C2sConfig {
@@ -173,6 +249,7 @@ impl Default for C2sConfig {
             ping_timeout_secs: 60,
             outbound_queue: 256,
             outbound_queue_bytes: 1024 * 1024,
+            presence_observers: Vec::new(),
         }
     }
 }
@@ -380,6 +457,9 @@ impl Config {
                 self.queue.status_retention_secs,
             ),
             ("queue.purge_interval_secs", self.queue.purge_interval_secs),
+            ("sm.resume_window_secs", self.sm.resume_window_secs),
+            ("sm.request_after_secs", self.sm.request_after_secs),
+            ("webhooks.timeout_secs", self.webhooks.timeout_secs),
         ] {
             if v > YEAR {
                 return invalid(key, "must be at most 31536000 (one year)");
@@ -443,6 +523,63 @@ impl Config {
         if self.queue.purge_interval_secs == 0 {
             return invalid("queue.purge_interval_secs", "must be at least 1");
         }
+        if self.http.rate_limit_per_sec > 0 && self.http.rate_limit_burst == 0 {
+            return invalid(
+                "http.rate_limit_burst",
+                "must be at least 1 when `http.rate_limit_per_sec` is set",
+            );
+        }
+        for o in &self.c2s.presence_observers {
+            if !jid::BareJid::new(o).is_ok_and(|j| j.node().is_some()) {
+                return Err(ConfigError::Invalid {
+                    key: "c2s.presence_observers",
+                    message: format!("`{o}` is not a bare JID such as `itsm@example.com`"),
+                });
+            }
+        }
+        if self.sm.request_every == 0 {
+            return invalid("sm.request_every", "must be at least 1");
+        }
+        if self.sm.request_after_secs == 0 {
+            return invalid("sm.request_after_secs", "must be at least 1");
+        }
+        if self.sm.max_unacked_stanzas == 0 {
+            return invalid("sm.max_unacked_stanzas", "must be at least 1");
+        }
+        if self.sm.max_unacked_bytes < self.limits.max_stanza_bytes {
+            return invalid(
+                "sm.max_unacked_bytes",
+                "must be at least `limits.max_stanza_bytes`, or one maximal stanza would end the stream",
+            );
+        }
+        for u in &self.webhooks.urls {
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                return Err(ConfigError::Invalid {
+                    key: "webhooks.urls",
+                    message: format!("`{u}` must start with http:// or https://"),
+                });
+            }
+        }
+        if let Some(s) = &self.webhooks.secret
+            && s.len() < 16
+        {
+            return invalid(
+                "webhooks.secret",
+                "must be at least 16 characters (e.g. `openssl rand -hex 32`), or left unset",
+            );
+        }
+        if self.webhooks.batch_max == 0 {
+            return invalid("webhooks.batch_max", "must be at least 1");
+        }
+        if self.webhooks.max_attempts == 0 {
+            return invalid("webhooks.max_attempts", "must be at least 1");
+        }
+        if self.webhooks.timeout_secs == 0 {
+            return invalid("webhooks.timeout_secs", "must be at least 1");
+        }
+        if self.webhooks.max_pending == 0 {
+            return invalid("webhooks.max_pending", "must be at least 1");
+        }
         if self.auth.device_scram_iterations == 0 || self.auth.scram_iterations == 0 {
             return invalid(
                 "auth.scram_iterations",
@@ -457,6 +594,9 @@ impl Config {
         let mut shown = self.clone();
         if shown.auth.device_secret.is_some() {
             shown.auth.device_secret = Some("<redacted>".into());
+        }
+        if shown.webhooks.secret.is_some() {
+            shown.webhooks.secret = Some("<redacted>".into());
         }
         for key in &mut shown.http.api_keys {
             *key = "<redacted>".into();
@@ -571,7 +711,8 @@ fn optional_key(section: &str, key: &str) -> Option<toml::Value> {
     match (section, key) {
         ("tls", "certs_dir" | "cert" | "key")
         | ("auth", "device_secret")
-        | ("metrics", "listen") => Some(toml::Value::String(String::new())),
+        | ("metrics", "listen")
+        | ("webhooks", "secret") => Some(toml::Value::String(String::new())),
         _ => None,
     }
 }

@@ -62,9 +62,16 @@ impl Server {
         let tls = Tls::load(&config.server, &config.tls)?;
         let store = Arc::new(AccountStore::open(&config.server.data_dir)?);
         let queue = open_queue(config)?;
-        let router = Arc::new(Router::with_max_resources(
-            config.limits.max_resources_per_account,
-        ));
+        let observers = config
+            .c2s
+            .presence_observers
+            .iter()
+            .filter_map(|o| jid::BareJid::new(o).ok())
+            .collect();
+        let router = Arc::new(
+            Router::with_max_resources(config.limits.max_resources_per_account)
+                .with_observers(observers),
+        );
         let auth = Arc::new(Authenticator::new(
             &config.server.domain,
             &config.auth,
@@ -150,6 +157,11 @@ impl Server {
 
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
+        if let Some(events) =
+            crate::http::webhook::start(&config.webhooks, cancel.clone(), &tracker)
+        {
+            router.set_events(events);
+        }
         let ip_limiter = IpLimiter::new(limits.max_connections_per_ip);
         let mut local_addrs = Vec::new();
         for (kind, listener) in listeners {

@@ -102,7 +102,7 @@ fn drain(h: &SessionHandle) -> Vec<String> {
     let mut out = Vec::new();
     h.drain(100, &mut out);
     out.into_iter()
-        .map(|b| String::from_utf8(b.to_vec()).unwrap())
+        .map(|(b, _)| String::from_utf8(b.to_vec()).unwrap())
         .collect()
 }
 

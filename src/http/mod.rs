@@ -3,6 +3,7 @@
 //! - [`auth`]: API keys (four spellings, constant-time comparison) and the client network allow-list.
 //! - [`rest_stream`]: Tigase-compatible `POST /rest/stream/{jid}` with a raw XML stanza.
 //! - [`api`]: the native JSON API under `/api/v1` (push, sessions, OpenAPI document).
+//! - [`webhook`]: online/offline events POSTed to the management server.
 //!
 //! Everything here sits on top of [`Router`]: pushes are `Router::route` calls, iq replies come back
 //! through `Router::await_iq_reply`. Posted XML goes through the c2s [`Framer`](crate::xmpp::framer)
@@ -14,6 +15,7 @@
 pub mod api;
 pub mod auth;
 pub mod rest_stream;
+pub mod webhook;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};

@@ -254,6 +254,8 @@ impl C2s {
             Kick::Disconnect => {
                 self.stream_error("policy-violation", Some("disconnected by the operator"))
             }
+            // Wired with stream management resumption.
+            Kick::Resumed => self.stream_error("conflict", Some("resumed on another stream")),
         }
     }
 
@@ -930,7 +932,7 @@ mod tests {
             let mut v = Vec::new();
             self.handle.drain(usize::MAX, &mut v);
             v.into_iter()
-                .map(|b| String::from_utf8(b.to_vec()).unwrap())
+                .map(|(b, _)| String::from_utf8(b.to_vec()).unwrap())
                 .collect()
         }
 

@@ -277,8 +277,11 @@ impl Conn {
                     self.handle.drain(WRITE_BATCH, &mut batch);
                     metrics::counter!("tern_stanzas_out_total").increment(batch.len() as u64);
                     match batch.as_slice() {
-                        [one] => write_flush(io, one).await?,
-                        many => write_flush(io, &many.concat()).await?,
+                        [(one, _)] => write_flush(io, one).await?,
+                        many => {
+                            let all: Vec<u8> = many.iter().flat_map(|(b, _)| b.iter().copied()).collect();
+                            write_flush(io, &all).await?
+                        }
                     }
                 }
                 r = poll_fn(|cx| read_into(io, framer, read_limit, cx)), if read_limit > 0 => {

@@ -7,8 +7,9 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
-use std::time::SystemTime;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use dashmap::DashMap;
@@ -26,6 +27,28 @@ pub enum Kick {
     Conflict = 1,
     /// An operator asked for the session to end.
     Disconnect = 2,
+    /// A new stream resumed this session (XEP-0198 §5: "the old stream SHOULD be terminated"): end
+    /// without a word and hand the stream-management state over for resumption.
+    Resumed = 3,
+}
+
+/// What makes a routed stanza a durable push: enough to put it back in the offline queue when the
+/// session dies before acknowledging it (XEP-0198), and to mark it acknowledged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushMeta {
+    pub push_id: String,
+    pub created: SystemTime,
+    pub expires_at: SystemTime,
+}
+
+/// A stanza waiting for a session's socket, with its push identity when it is one.
+pub type Outgoing = (Bytes, Option<Arc<PushMeta>>);
+
+/// Told when an account's first resource is bound and when its last one leaves (webhooks).
+/// Called synchronously from the routing path: implementations must not block.
+pub trait SessionEvents: Send + Sync + std::fmt::Debug {
+    fn online(&self, full: &FullJid, remote_addr: SocketAddr, at: SystemTime);
+    fn offline(&self, full: &FullJid, remote_addr: SocketAddr, at: SystemTime);
 }
 
 /// The parts of a session other tasks may touch: its identity, its outbound queue and its kick signal.
@@ -41,15 +64,27 @@ pub struct SessionHandle {
     capacity: usize,
     max_bytes: usize,
     kick: AtomicU8,
-    /// Woken on every push and on a kick.
+    /// Stored pushes arrived for this session's account after its replay: read the queue again.
+    replay: AtomicBool,
+    /// Unix milliseconds of the last inbound data (the session API's `last_activity`).
+    last_activity: AtomicU64,
+    /// The XEP-0198 SM-ID while this session is resumable (a `<resume/>` on a new stream finds and
+    /// ends it through this).
+    resume_token: OnceLock<u128>,
+    /// Woken on every push, on a kick and on a replay request.
     wake: Notify,
 }
 
 /// Stanzas waiting for the socket, and their total size.
 #[derive(Debug, Default)]
 struct Outbox {
-    items: VecDeque<Bytes>,
+    items: VecDeque<Outgoing>,
     bytes: usize,
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The session's queue is at its stanza or byte limit.
@@ -66,14 +101,18 @@ impl SessionHandle {
     /// one stanza is always accepted into an empty queue, however large.
     pub fn with_limits(capacity: usize, max_bytes: usize, remote_addr: SocketAddr) -> Arc<Self> {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        let now = SystemTime::now();
         Arc::new(Self {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             remote_addr,
-            connected_since: SystemTime::now(),
+            connected_since: now,
             queue: Mutex::new(Outbox::default()),
             capacity: capacity.max(1),
             max_bytes,
             kick: AtomicU8::new(0),
+            replay: AtomicBool::new(false),
+            last_activity: AtomicU64::new(unix_ms(now)),
+            resume_token: OnceLock::new(),
             wake: Notify::new(),
         })
     }
@@ -85,6 +124,15 @@ impl SessionHandle {
 
     /// Queue a stanza for the session's socket; never blocks.
     pub fn try_send(&self, stanza: Bytes) -> Result<(), QueueFull> {
+        self.try_send_tagged(stanza, None)
+    }
+
+    /// As [`SessionHandle::try_send`], for a durable push.
+    pub fn try_send_tagged(
+        &self,
+        stanza: Bytes,
+        meta: Option<Arc<PushMeta>>,
+    ) -> Result<(), QueueFull> {
         {
             let mut q = self.queue();
             let over_bytes = !q.items.is_empty() && q.bytes + stanza.len() > self.max_bytes;
@@ -92,14 +140,14 @@ impl SessionHandle {
                 return Err(QueueFull);
             }
             q.bytes += stanza.len();
-            q.items.push_back(stanza);
+            q.items.push_back((stanza, meta));
         }
         self.wake.notify_one();
         Ok(())
     }
 
     /// Move up to `max` queued stanzas into `out`; frees the queue's memory once it is empty.
-    pub fn drain(&self, max: usize, out: &mut Vec<Bytes>) {
+    pub fn drain(&self, max: usize, out: &mut Vec<Outgoing>) {
         let mut q = self.queue();
         let n = q.items.len().min(max);
         let start = out.len();
@@ -108,7 +156,7 @@ impl SessionHandle {
             .get(start..)
             .unwrap_or_default()
             .iter()
-            .map(Bytes::len)
+            .map(|(b, _)| b.len())
             .sum();
         q.bytes = q.bytes.saturating_sub(taken);
         if q.items.is_empty() && q.items.capacity() > 0 {
@@ -131,15 +179,50 @@ impl SessionHandle {
         match self.kick.load(Ordering::Acquire) {
             1 => Some(Kick::Conflict),
             2 => Some(Kick::Disconnect),
+            3 => Some(Kick::Resumed),
             _ => None,
         }
     }
 
-    /// Resolves when there is work for the session's task: a kick or queued stanzas. A wake-up that
-    /// comes between the check and the wait is kept by `Notify` as a permit, so none is lost.
+    /// Ask the session's task to read the offline queue again (a push was stored for it meanwhile).
+    pub fn request_replay(&self) {
+        self.replay.store(true, Ordering::Release);
+        self.wake.notify_one();
+    }
+
+    /// Whether a replay was requested since the last call (clears the request).
+    pub fn take_replay_request(&self) -> bool {
+        self.replay.swap(false, Ordering::AcqRel)
+    }
+
+    /// Record inbound activity at `now`.
+    pub fn touch(&self, now: SystemTime) {
+        self.last_activity.store(unix_ms(now), Ordering::Relaxed);
+    }
+
+    /// When the client last sent anything (whitespace keep-alives included).
+    pub fn last_activity(&self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_millis(self.last_activity.load(Ordering::Relaxed))
+    }
+
+    /// Mark this session resumable under `token` (its XEP-0198 SM-ID); set once.
+    pub fn set_resume_token(&self, token: u128) {
+        let _ = self.resume_token.set(token);
+    }
+
+    pub fn resume_token(&self) -> Option<u128> {
+        self.resume_token.get().copied()
+    }
+
+    /// Resolves when there is work for the session's task: a kick, queued stanzas or a replay
+    /// request. A wake-up that comes between the check and the wait is kept by `Notify` as a permit,
+    /// so none is lost.
     pub async fn ready(&self) {
         loop {
-            if self.kick_reason().is_some() || !self.queue().items.is_empty() {
+            if self.kick_reason().is_some()
+                || self.replay.load(Ordering::Acquire)
+                || !self.queue().items.is_empty()
+            {
                 return;
             }
             self.wake.notified().await;
@@ -209,6 +292,9 @@ pub struct Router {
     iq_waiters: DashMap<String, tokio::sync::oneshot::Sender<Bytes>>,
     /// Simultaneous resources per account; 0 = unlimited.
     max_resources: usize,
+    /// Accounts that receive every presence broadcast (`c2s.presence_observers`).
+    observers: Vec<BareJid>,
+    events: OnceLock<Arc<dyn SessionEvents>>,
 }
 
 /// Why a resource could not be bound.
@@ -232,6 +318,26 @@ impl Router {
         Self {
             max_resources,
             ..Self::default()
+        }
+    }
+
+    /// Also send every presence broadcast to these accounts (Tigase-style presence forwarding).
+    pub fn with_observers(mut self, observers: Vec<BareJid>) -> Self {
+        self.observers = observers;
+        self
+    }
+
+    /// Report accounts coming online and going offline to `events` (set once, at startup).
+    pub fn set_events(&self, events: Arc<dyn SessionEvents>) {
+        let _ = self.events.set(events);
+    }
+
+    /// Ask every available session of `bare` to read the offline queue again.
+    pub fn request_replay(&self, bare: &BareJid) {
+        if let Some(rs) = self.accounts.get(bare) {
+            for r in rs.iter().filter(|r| r.presence.is_some()) {
+                r.handle.request_replay();
+            }
         }
     }
 
@@ -271,6 +377,7 @@ impl Router {
         full: &FullJid,
         handle: Arc<SessionHandle>,
     ) -> Result<Option<Arc<SessionHandle>>, BindError> {
+        let addr = handle.remote_addr;
         let mut entry = self.accounts.entry(full.to_bare()).or_default();
         let name = full.resource().as_str();
         let new = Resource {
@@ -288,6 +395,12 @@ impl Router {
             }
             None => {
                 entry.push(new);
+                drop(entry);
+                if count == 0
+                    && let Some(ev) = self.events.get()
+                {
+                    ev.online(full, addr, SystemTime::now());
+                }
                 Ok(None)
             }
         }
@@ -297,11 +410,22 @@ impl Router {
     /// replaced session's cleanup).
     pub fn unbind(&self, full: &FullJid, session_id: u64) {
         let bare = full.to_bare();
-        self.accounts.remove_if_mut(&bare, |_, resources| {
-            resources
-                .retain(|r| !(r.name == full.resource().as_str() && r.handle.id == session_id));
+        let mut addr = None;
+        let gone = self.accounts.remove_if_mut(&bare, |_, resources| {
+            resources.retain(|r| {
+                let this = r.name == full.resource().as_str() && r.handle.id == session_id;
+                if this {
+                    addr = Some(r.handle.remote_addr);
+                }
+                !this
+            });
             resources.is_empty()
         });
+        if gone.is_some()
+            && let (Some(addr), Some(ev)) = (addr, self.events.get())
+        {
+            ev.offline(full, addr, SystemTime::now());
+        }
     }
 
     /// Record the resource's current presence; `None` makes it unavailable (but still connected).
@@ -364,6 +488,18 @@ impl Router {
 
     /// Deliver a stanza addressed to a user of this domain, per RFC 6121 §8.5.
     pub fn route(&self, to: &Jid, kind: Kind, stanza: Bytes) -> Delivery {
+        self.route_tagged(to, kind, stanza, None)
+    }
+
+    /// As [`Router::route`], for a durable push: the sessions keep `meta` with it until the client
+    /// acknowledges it (or requeue it).
+    pub fn route_tagged(
+        &self,
+        to: &Jid,
+        kind: Kind,
+        stanza: Bytes,
+        meta: Option<Arc<PushMeta>>,
+    ) -> Delivery {
         // Collect the target queues under the shard lock, send after releasing it.
         let targets: Vec<Arc<SessionHandle>>;
         match to.try_as_full() {
@@ -377,7 +513,7 @@ impl Router {
                     (Some(h), _) => targets = vec![h],
                     // §8.5.3.2.1: normal/chat to an unavailable resource is handled as if to the bare JID.
                     (None, Kind::Message(MessageType::Normal | MessageType::Chat)) => {
-                        return self.route(&Jid::from(full.to_bare()), kind, stanza);
+                        return self.route_tagged(&Jid::from(full.to_bare()), kind, stanza, meta);
                     }
                     (None, Kind::Message(MessageType::Groupchat) | Kind::Iq) => {
                         return Delivery::Unavailable;
@@ -433,7 +569,7 @@ impl Router {
         let mut delivered = 0;
         let mut full = false;
         for h in targets {
-            match h.try_send(stanza.clone()) {
+            match h.try_send_tagged(stanza.clone(), meta.clone()) {
                 Ok(()) => delivered += 1,
                 Err(QueueFull) => full = true,
             }
@@ -459,11 +595,17 @@ impl Router {
     }
 
     /// Send to every available resource of `bare` (presence broadcast, RFC 6121 §4.2.2, §4.5.2).
+    /// Observers (`c2s.presence_observers`) get it too, unless it is their own.
     pub fn broadcast_presence(&self, bare: &BareJid, stanza: Bytes) -> usize {
-        match self.route(&Jid::from(bare.clone()), Kind::Presence, stanza) {
-            Delivery::Delivered(n) => n,
-            _ => 0,
+        let mut n = 0;
+        for to in std::iter::once(bare).chain(self.observers.iter().filter(|o| *o != bare)) {
+            if let Delivery::Delivered(k) =
+                self.route(&Jid::from(to.clone()), Kind::Presence, stanza.clone())
+            {
+                n += k;
+            }
         }
+        n
     }
 }
 
@@ -483,7 +625,7 @@ mod tests {
         fn try_recv(&mut self) -> Result<Bytes, ()> {
             let mut v = Vec::new();
             self.0.drain(1, &mut v);
-            v.pop().ok_or(())
+            v.pop().map(|(b, _)| b).ok_or(())
         }
     }
 
@@ -659,7 +801,7 @@ mod tests {
         waiter.await.unwrap();
         let mut out = Vec::new();
         h.drain(10, &mut out);
-        assert_eq!(out, vec![Bytes::from_static(b"x")]);
+        assert_eq!(out, vec![(Bytes::from_static(b"x"), None)]);
         assert_eq!(
             h.queue().items.capacity(),
             0,
