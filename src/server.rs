@@ -16,10 +16,13 @@ use crate::auth::{AuthThrottle, Authenticator};
 use crate::config::Config;
 use crate::limits::IpLimiter;
 use crate::store::accounts::AccountStore;
+use crate::store::queue::{NewItem, PushQueue, PushState, StatusUpdate};
 use crate::tls::Tls;
 use crate::xmpp::c2s::C2sContext;
 use crate::xmpp::conn::{self, ConnSettings, ListenerKind};
-use crate::xmpp::router::Router;
+use crate::xmpp::router::{PushFate, PushFates, PushMeta, Router};
+use crate::xmpp::sm::{DetachedSession, ResumptionRegistry, SmConfig};
+use tokio::sync::mpsc::UnboundedReceiver;
 
 /// Startup failures, phrased for the operator.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +80,16 @@ impl Server {
             &config.auth,
             store,
         ));
+        let sm = SmConfig {
+            resume_window: Duration::from_secs(config.sm.resume_window_secs),
+            request_every: config.sm.request_every,
+            request_after: Duration::from_secs(config.sm.request_after_secs),
+            max_unacked_stanzas: config.sm.max_unacked_stanzas,
+            max_unacked_bytes: config.sm.max_unacked_bytes,
+            max_detached: config.sm.max_detached,
+        };
+        let resumption = Arc::new(ResumptionRegistry::new(sm));
+        let (fates, fates_rx) = tokio::sync::mpsc::unbounded_channel();
         let ctx = Arc::new(C2sContext {
             domain: config.server.domain.clone(),
             router: router.clone(),
@@ -87,6 +100,9 @@ impl Server {
             ping_interval: (config.c2s.ping_interval_secs > 0)
                 .then(|| Duration::from_secs(config.c2s.ping_interval_secs)),
             ping_timeout: Duration::from_secs(config.c2s.ping_timeout_secs),
+            sm,
+            resumption: resumption.clone(),
+            fates: Some(fates.clone()),
         });
         let limits = &config.limits;
         let settings = Arc::new(ConnSettings {
@@ -198,6 +214,13 @@ impl Server {
             let cancel = cancel.clone();
             tracker.spawn(serve_metrics(listener, metrics.clone(), cancel));
         }
+        tracker.spawn(push_fates(
+            queue.clone(),
+            router.clone(),
+            fates_rx,
+            cancel.clone(),
+        ));
+        tracker.spawn(expire_detached(resumption, fates, cancel.clone()));
         tracker.spawn(purge_loop(
             queue,
             Duration::from_secs(config.queue.purge_interval_secs.max(1)),
@@ -237,6 +260,124 @@ fn open_queue(config: &Config) -> Result<crate::store::queue::PushQueue, ServerE
         ..QueueConfig::default()
     };
     Ok(PushQueue::open(&dir.join(FILE_NAME), cfg)?)
+}
+
+/// How long the push-fate task keeps working after shutdown began: closing sessions send their
+/// unacknowledged pushes back to the queue then.
+const FATES_DRAIN: Duration = Duration::from_secs(2);
+
+/// Apply what sessions report about pushes they wrote: `acked` statuses, and pushes that go back to
+/// the front of the durable queue (then read again by any session of the recipient now available).
+async fn push_fates(
+    queue: PushQueue,
+    router: Arc<Router>,
+    mut rx: UnboundedReceiver<PushFate>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let fate = tokio::select! {
+            f = rx.recv() => f,
+            _ = cancel.cancelled() => break,
+        };
+        let Some(fate) = fate else { return };
+        apply_fates(&queue, &router, fate, &mut rx).await;
+    }
+    while let Ok(Some(fate)) = tokio::time::timeout(FATES_DRAIN, rx.recv()).await {
+        apply_fates(&queue, &router, fate, &mut rx).await;
+    }
+}
+
+/// `first` and whatever else is waiting: acks in one status batch, requeues in order.
+async fn apply_fates(
+    queue: &PushQueue,
+    router: &Router,
+    first: PushFate,
+    rx: &mut UnboundedReceiver<PushFate>,
+) {
+    let now = std::time::SystemTime::now();
+    let mut acked = Vec::new();
+    let mut next = Some(first);
+    while let Some(fate) = next.take().or_else(|| rx.try_recv().ok()) {
+        match fate {
+            PushFate::Acked {
+                recipient,
+                push_ids,
+            } => acked.extend(push_ids.into_iter().map(|push_id| StatusUpdate {
+                push_id,
+                recipient: recipient.to_string(),
+                state: PushState::Acked,
+                error: None,
+                at: now,
+            })),
+            PushFate::Requeue { recipient, items } => {
+                let n = items.len();
+                let items = items
+                    .into_iter()
+                    .map(|(stanza, meta)| NewItem {
+                        push_id: meta.push_id.clone(),
+                        recipient: recipient.to_string(),
+                        stanza,
+                        created: meta.created,
+                        expires_at: meta.expires_at,
+                    })
+                    .collect();
+                match queue.requeue_front(items, now).await {
+                    Ok(_) => {
+                        tracing::debug!(jid = %recipient, pushes = n, "unacknowledged pushes requeued");
+                        router.request_replay(&recipient);
+                    }
+                    Err(e) => {
+                        tracing::error!(jid = %recipient, pushes = n, error = %e, "cannot requeue unacknowledged pushes")
+                    }
+                }
+            }
+        }
+        if acked.len() >= 1024 {
+            break;
+        }
+    }
+    if !acked.is_empty()
+        && let Err(e) = queue.set_status(acked).await
+    {
+        tracing::warn!(error = %e, "cannot record acknowledged pushes");
+    }
+}
+
+/// Give up detached sessions whose resumption window ran out (XEP-0198 §5): their unacknowledged
+/// pushes go back to the queue. On shutdown every detached session is given up.
+async fn expire_detached(
+    registry: Arc<ResumptionRegistry<Arc<PushMeta>>>,
+    fates: PushFates,
+    cancel: CancellationToken,
+) {
+    let give_up = |sessions: Vec<(String, DetachedSession<Arc<PushMeta>>)>| {
+        for (_, s) in sessions {
+            metrics::counter!("tern_sm_expired_total").increment(1);
+            let items: Vec<_> = s
+                .unacked
+                .into_iter()
+                .filter_map(|(b, tag)| tag.map(|t| (b, t)))
+                .collect();
+            if !items.is_empty() {
+                metrics::counter!("tern_pushes_requeued_total").increment(items.len() as u64);
+                let _ = fates.send(PushFate::Requeue {
+                    recipient: s.full_jid.to_bare(),
+                    items,
+                });
+            }
+        }
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        give_up(registry.expire(std::time::Instant::now()));
+        metrics::gauge!("tern_sm_detached").set(registry.len() as f64);
+    }
+    give_up(registry.take_all());
 }
 
 /// Periodically delete expired pushes (status `expired`) and old status records, until cancelled.

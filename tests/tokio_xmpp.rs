@@ -73,11 +73,20 @@ async fn establish(
     jid: Jid,
     password: String,
     mech: Mech,
+    sockets: Sockets,
 ) -> Result<Connection, String> {
     let timeouts = Timeouts::tight();
     let tcp = TcpStream::connect(addr)
         .await
         .map_err(|e| format!("connect {addr}: {e}"))?;
+    // Keep a second handle on the socket so a test can cut the connection under tokio-xmpp's feet.
+    let tcp = tcp
+        .into_std()
+        .and_then(|std| {
+            sockets.lock().unwrap().push(std.try_clone()?);
+            TcpStream::from_std(std)
+        })
+        .map_err(|e| format!("socket handle: {e}"))?;
     let tcp = match transport {
         Transport::DirectTls => tcp,
         Transport::StartTls => {
@@ -167,10 +176,14 @@ async fn establish(
     })
 }
 
+/// The TCP sockets of a client's connections, oldest first.
+type Sockets = Arc<Mutex<Vec<std::net::TcpStream>>>;
+
 /// A tokio-xmpp stanza stream logged in to the test server.
 struct Xmpp {
     stream: StanzaStream,
     jid: FullJid,
+    sockets: Sockets,
 }
 
 impl Xmpp {
@@ -182,6 +195,19 @@ impl Xmpp {
         password: &str,
         mech: Mech,
     ) -> Result<Xmpp, String> {
+        Self::connect_with(server, transport, jid, password, mech, false).await
+    }
+
+    /// As [`Xmpp::connect`]; with `reconnect`, tokio-xmpp may reconnect (and resume, XEP-0198) after
+    /// the connection is lost.
+    async fn connect_with(
+        server: &TestServer,
+        transport: Transport,
+        jid: &str,
+        password: &str,
+        mech: Mech,
+        reconnect: bool,
+    ) -> Result<Xmpp, String> {
         let jid = Jid::new(jid).map_err(|e| e.to_string())?;
         let addr = match transport {
             Transport::StartTls => server.starttls_addr,
@@ -189,14 +215,16 @@ impl Xmpp {
         };
         let tls = server.tls_client_config();
         let errors: Arc<Mutex<Vec<String>>> = Arc::default();
+        let sockets: Sockets = Arc::default();
         let mut attempts = 0;
         let connector = {
             let errors = errors.clone();
+            let sockets = sockets.clone();
             let password = password.to_string();
             Box::new(
                 move |_location: Option<String>, slot: oneshot::Sender<Connection>| {
                     attempts += 1;
-                    if attempts > 1 {
+                    if attempts > 1 && !reconnect || attempts > 5 {
                         // No reconnects in tests: dropping the slot ends the stream.
                         errors
                             .lock()
@@ -204,10 +232,15 @@ impl Xmpp {
                             .push("stream lost; reconnect refused".into());
                         return;
                     }
-                    let (tls, jid, password, errors) =
-                        (tls.clone(), jid.clone(), password.clone(), errors.clone());
+                    let (tls, jid, password, errors, sockets) = (
+                        tls.clone(),
+                        jid.clone(),
+                        password.clone(),
+                        errors.clone(),
+                        sockets.clone(),
+                    );
                     tokio::spawn(async move {
-                        match establish(addr, tls, transport, jid, password, mech).await {
+                        match establish(addr, tls, transport, jid, password, mech, sockets).await {
                             Ok(conn) => {
                                 let _ = slot.send(conn);
                             }
@@ -233,7 +266,11 @@ impl Xmpp {
                 let jid = jid
                     .try_into_full()
                     .map_err(|j| format!("bound JID {j} is not a full JID"))?;
-                Ok(Xmpp { stream, jid })
+                Ok(Xmpp {
+                    stream,
+                    jid,
+                    sockets,
+                })
             }
             Ok(None) => Err(format!("stream ended before binding: {errors}")),
             Err(_) => Err(format!("no resource bound within {STEP:?}: {errors}")),
@@ -706,4 +743,109 @@ async fn ring_of_clients_routes_every_message() {
     for c in clients {
         c.close().await;
     }
+}
+
+/// `POST /api/v1/push` of one text push; returns the recipient's status.
+async fn http_push(server: &TestServer, to: &str, id: &str, body: &str) -> String {
+    let r: serde_json::Value = reqwest::Client::new()
+        .post(format!("http://{}/api/v1/push", server.http_addr))
+        .bearer_auth(common::API_KEY)
+        .json(&serde_json::json!({"to": to, "id": id, "body": body}))
+        .send()
+        .await
+        .expect("POST /api/v1/push")
+        .json()
+        .await
+        .expect("JSON answer");
+    r["results"][0]["status"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Polls `GET /api/v1/push/{id}` until its recipient is `want`.
+async fn wait_push_status(server: &TestServer, id: &str, want: &str) {
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        let r: serde_json::Value = reqwest::Client::new()
+            .get(format!("http://{}/api/v1/push/{id}", server.http_addr))
+            .bearer_auth(common::API_KEY)
+            .send()
+            .await
+            .expect("GET /api/v1/push")
+            .json()
+            .await
+            .unwrap_or_default();
+        if r["results"][0]["status"] == want {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "push {id} never became {want}: {r}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// XEP-0198 with tokio-xmpp's own stream management: the TCP connection is cut under it, it
+/// reconnects and resumes (no reset), and the push sent while it was away arrives; the server's
+/// `<r/>` is answered, so both pushes end `acked`.
+#[tokio::test]
+async fn stream_management_resume_after_a_dropped_connection() {
+    let server = TestServer::start("[sm]\nrequest_every = 1\n");
+    let bare = format!("sm-endpoint@{DOMAIN}");
+    let password = server.device_password(&bare);
+    let mut x = Xmpp::connect_with(
+        &server,
+        Transport::DirectTls,
+        &format!("{bare}/phone"),
+        &password,
+        Mech::Best,
+        true,
+    )
+    .await
+    .expect("login");
+    x.send(Presence::available()).await;
+    // The server knows the resource is available once its own presence comes back.
+    x.wait_for(|s| matches!(s, Stanza::Presence(_))).await;
+    assert_eq!(
+        http_push(&server, &bare, "sm-1", "before").await,
+        "delivered"
+    );
+    assert_eq!(body_of(&x.wait_message().await), "before");
+    wait_push_status(&server, "sm-1", "acked").await;
+
+    // Cut the connection; the server notices (EOF) and keeps the session for resumption.
+    x.sockets.lock().unwrap()[0]
+        .shutdown(std::net::Shutdown::Both)
+        .expect("shutdown");
+    let status = http_push(&server, &bare, "sm-2", "while away").await;
+    assert!(
+        status == "delivered" || status == "queued",
+        "push while away: {status}"
+    );
+
+    let deadline = tokio::time::Instant::now() + STEP;
+    let mut events = Vec::new();
+    let mut resumed = false;
+    loop {
+        match tokio::time::timeout_at(deadline, x.stream.next()).await {
+            Ok(Some(Event::Stream(StreamEvent::Resumed))) => resumed = true,
+            Ok(Some(Event::Stream(StreamEvent::Reset { .. }))) => {
+                panic!("stream reset instead of resumed; events: {events:?}")
+            }
+            Ok(Some(Event::Stanza(Stanza::Message(m)))) => {
+                assert_eq!(body_of(&m), "while away");
+                break;
+            }
+            Ok(Some(other)) => events.push(format!("{other:?}")),
+            Ok(None) => panic!("stream ended; events: {events:?}"),
+            Err(_) => panic!("push not received after reconnecting; events: {events:?}"),
+        }
+    }
+    assert!(resumed, "no <resumed/>; events: {events:?}");
+    assert!(x.sockets.lock().unwrap().len() >= 2, "reconnected");
+    wait_push_status(&server, "sm-2", "acked").await;
+    x.ping_server("after-resume").await;
+    x.close().await;
 }

@@ -634,6 +634,13 @@ impl<'txn> Tables<'txn> {
         retention_ms: u64,
     ) -> Result<(), Fail> {
         let old = self.status_get(push_id, recipient)?;
+        // `delivered` is recorded off the answer's path and may land after the client's ack: an
+        // acknowledged push stays acknowledged.
+        if state == PushState::Delivered
+            && old.as_ref().is_some_and(|o| o.state == PushState::Acked)
+        {
+            return Ok(());
+        }
         let (expires_ms, seq) = old.as_ref().map_or((0, None), |o| (o.expires_ms, o.seq));
         let rec = StatusRec::new(state, at_ms, expires_ms, seq, error, retention_ms);
         self.status_put(push_id, recipient, &rec, old.as_ref())

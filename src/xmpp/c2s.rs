@@ -17,9 +17,16 @@ use jid::{BareJid, FullJid, Jid};
 use minidom::Element;
 
 use super::framer::{Event, FrameError, Stanza, StreamHeader, escape};
-use super::router::{Delivery, Kick, Kind, MessageType, Router, SessionHandle};
+use super::router::{
+    Delivery, Kick, Kind, MessageType, Outgoing, PushFate, PushFates, PushMeta, Router,
+    SessionHandle,
+};
 use super::sasl::{self, Mechanism, SaslFailure, SaslServer, Step};
 use super::server_iq;
+use super::sm::{
+    self, Detach, ResumeError, ResumeRequest, ResumptionRegistry, SmConfig, SmElement, SmError,
+    StreamMgmt,
+};
 use crate::auth::{AuthThrottle, Authenticator};
 
 pub const NS_STREAMS: &str = "http://etherx.jabber.org/streams";
@@ -38,6 +45,15 @@ const MAX_DIRECTED_PRESENCE: usize = 1000;
 /// RFC 6120 §6.4.5: allow a reasonable number of SASL retries (2 to 5) before closing the stream.
 const MAX_SASL_ATTEMPTS: u32 = 5;
 
+/// A `<resume/>` for a session whose old stream is still attached ends that stream, then waits this
+/// long for it to detach (XEP-0198 §5: "the old stream SHOULD be terminated").
+const RESUME_TAKEOVER_WAIT: Duration = Duration::from_secs(2);
+/// How often the resumption is retried meanwhile.
+const RESUME_RETRY: Duration = Duration::from_millis(10);
+
+/// One stream's XEP-0198 state; the tag of a stanza is its push identity, when it is a push.
+type Sm = StreamMgmt<Arc<PushMeta>>;
+
 /// Server-wide, read-only context shared by every connection.
 pub struct C2sContext {
     pub domain: String,
@@ -49,6 +65,13 @@ pub struct C2sContext {
     /// Inbound silence after which the server pings (XEP-0199 §4.2); `None` disables.
     pub ping_interval: Option<Duration>,
     pub ping_timeout: Duration,
+    /// XEP-0198 tunables (`[sm]`).
+    pub sm: SmConfig,
+    /// Broken resumable streams, waiting for `<resume/>`.
+    pub resumption: Arc<ResumptionRegistry<Arc<PushMeta>>>,
+    /// Where acknowledged and requeued pushes are reported (the durable queue's owner); `None`
+    /// without a queue.
+    pub fates: Option<PushFates>,
 }
 
 /// What the connection task must do next, in order.
@@ -100,6 +123,16 @@ pub struct C2s {
     ping_sent: Option<Instant>,
     ping_seq: u32,
     actions: VecDeque<Action>,
+    /// The latest time passed in (for stream management's bookkeeping on paths without a `now`).
+    now: Instant,
+    /// XEP-0198 state, allocated only once the client enables it.
+    sm: Option<Box<Sm>>,
+    /// The last available presence and its priority (restored when a detached session resumes).
+    presence: Option<(i8, Bytes)>,
+    /// A `<resume/>` waiting for the old stream to detach: request, next try, give-up time.
+    pending_resume: Option<(ResumeRequest, Instant, Instant)>,
+    /// The close about to happen keeps the session resumable (dead peer, or resumed elsewhere).
+    resumable_close: bool,
 }
 
 impl C2s {
@@ -130,6 +163,32 @@ impl C2s {
             ping_sent: None,
             ping_seq: 0,
             actions: VecDeque::new(),
+            now,
+            sm: None,
+            presence: None,
+            pending_resume: None,
+            resumable_close: false,
+        }
+    }
+
+    /// Whether XEP-0198 is enabled on this stream (outbound stanzas must then be reported through
+    /// [`C2s::on_written`]).
+    pub fn sm_enabled(&self) -> bool {
+        self.sm.is_some()
+    }
+
+    /// A stanza is about to be written to the client by the connection (routed to it, or replayed
+    /// from the offline queue): stream management keeps it until the client acknowledges it.
+    pub fn on_written(&mut self, stanza: &Bytes, tag: Option<Arc<PushMeta>>, now: Instant) {
+        self.now = now;
+        self.track(stanza.clone(), tag);
+    }
+
+    /// [`C2s::on_written`] for a batch of routed stanzas.
+    pub fn on_routed(&mut self, batch: &[Outgoing], now: Instant) {
+        self.now = now;
+        for (b, tag) in batch {
+            self.track(b.clone(), tag.clone());
         }
     }
 
@@ -168,6 +227,7 @@ impl C2s {
 
     /// `n` bytes arrived from the peer (whitespace keep-alives included: RFC 6120 §4.6.1).
     pub fn on_bytes(&mut self, n: usize, now: Instant) {
+        self.now = now;
         self.last_inbound = now;
         self.ping_sent = None;
         if self.username.is_none() {
@@ -207,6 +267,18 @@ impl C2s {
         if self.phase == Phase::Closed {
             return None;
         }
+        [
+            self.session_deadline(),
+            self.sm.as_ref().and_then(|sm| sm.next_request_at()),
+            self.pending_resume.as_ref().map(|(_, next, _)| *next),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// Pre-authentication timeout, or the keep-alive ping's next step.
+    fn session_deadline(&self) -> Option<Instant> {
         // Until a resource is bound the session is not usable: the pre-auth deadline still applies.
         if self.jid.is_none() {
             return Some(self.started + self.ctx.preauth_timeout);
@@ -218,7 +290,24 @@ impl C2s {
     }
 
     pub fn on_timeout(&mut self, now: Instant) {
-        let Some(due) = self.next_timeout() else {
+        if self.phase == Phase::Closed {
+            return;
+        }
+        self.now = now;
+        if let Some((req, next, give_up)) = self.pending_resume.take() {
+            if now < next {
+                self.pending_resume = Some((req, next, give_up));
+            } else {
+                self.try_resume(req, Some(give_up));
+            }
+        }
+        if let Some(sm) = self.sm.as_mut()
+            && sm.should_request(now)
+        {
+            let r = sm.request_bytes(now);
+            self.write_bytes(r);
+        }
+        let Some(due) = self.session_deadline() else {
             return;
         };
         if now < due {
@@ -232,6 +321,8 @@ impl C2s {
             metrics::counter!("tern_ping_timeouts_total").increment(1);
             tracing::info!(peer = %self.peer, jid = ?self.jid.as_ref().map(|j| j.to_string()),
                 "closing: no answer to ping (c2s.ping_timeout_secs)");
+            // The peer is gone, not misbehaving: a resumable session waits for it (XEP-0198 §5).
+            self.resumable_close = true;
             self.stream_error("connection-timeout", None);
         } else if let Some(jid) = &self.jid {
             // XEP-0199 §4.2: server-to-client ping; any inbound data counts as the answer.
@@ -242,7 +333,7 @@ impl C2s {
                 escape(&self.ctx.domain),
                 escape(jid.as_str())
             );
-            self.write(ping);
+            self.write_stanza(Bytes::from(ping));
             self.ping_sent = Some(now);
         }
     }
@@ -254,8 +345,12 @@ impl C2s {
             Kick::Disconnect => {
                 self.stream_error("policy-violation", Some("disconnected by the operator"))
             }
-            // Wired with stream management resumption.
-            Kick::Resumed => self.stream_error("conflict", Some("resumed on another stream")),
+            // The client resumed this session on a new stream: hand the state over, say nothing
+            // (the old connection is most likely dead).
+            Kick::Resumed => {
+                self.resumable_close = true;
+                self.close();
+            }
         }
     }
 
@@ -264,26 +359,64 @@ impl C2s {
         self.stream_error("system-shutdown", None);
     }
 
-    /// The connection is gone (closed by either side): leave the registry, announce unavailability.
+    /// The connection is gone. Closed by the peer or broken (no `close` decided here): a resumable
+    /// session waits for `<resume/>` (XEP-0198 §5).
     pub fn on_disconnected(&mut self) {
-        self.leave();
+        if self.phase != Phase::Closed {
+            self.leave(true);
+        }
         self.phase = Phase::Closed;
     }
 
     /// Unbind and broadcast `unavailable` (RFC 6121 §4.6): once, whichever way the session ends.
-    fn leave(&mut self) {
-        if let Some(jid) = self.jid.take() {
-            // A replaced session says nothing: its full JID lives on in the new session.
-            if self.available && self.ctx.router.is_current(&jid, self.handle.id) {
-                let unavailable = Bytes::from(format!(
-                    "<presence type='unavailable' from='{}'/>",
-                    escape(jid.as_str())
-                ));
-                self.broadcast_unavailable(&jid, unavailable);
-            }
-            self.ctx.router.unbind(&jid, self.handle.id);
-            metrics::gauge!("tern_sessions").decrement(1.0);
+    ///
+    /// Pushes written and not acknowledged, and those still waiting in the outbound queue, are not
+    /// lost: with `resumable` and a resumable stream they wait in the resumption registry, otherwise
+    /// they go back to the durable queue.
+    fn leave(&mut self, resumable: bool) {
+        let Some(jid) = self.jid.take() else {
+            return;
+        };
+        let current = self.ctx.router.is_current(&jid, self.handle.id);
+        let mut pending = Vec::new();
+        self.handle.drain(usize::MAX, &mut pending);
+        // A replaced session says nothing: its full JID lives on in the new session.
+        if self.available && current {
+            let unavailable = Bytes::from(format!(
+                "<presence type='unavailable' from='{}'/>",
+                escape(jid.as_str())
+            ));
+            self.broadcast_unavailable(&jid, unavailable);
         }
+        self.ctx.router.unbind(&jid, self.handle.id);
+        metrics::gauge!("tern_sessions").decrement(1.0);
+        let Some(mut sm) = self.sm.take() else {
+            return self.requeue(&jid, pending);
+        };
+        // Never written: to stream management the same as written and lost, so a resumption
+        // resends them in order.
+        for (b, tag) in pending {
+            let _ = sm.on_outbound_stanza(b, tag, self.now);
+        }
+        if !(resumable && current) {
+            let unacked = sm.take_unacked();
+            return self.requeue(&jid, unacked);
+        }
+        match sm.into_detached(jid.clone()) {
+            Detach::Resumable { id, mut session } => {
+                session.presence = self.presence.take();
+                metrics::counter!("tern_sm_detached_total").increment(1);
+                tracing::debug!(peer = %self.peer, jid = %jid, "session detached for resumption");
+                self.ctx.resumption.detach(id, session, self.now);
+            }
+            Detach::Requeue(unacked) => self.requeue(&jid, unacked),
+        }
+    }
+
+    /// Send the pushes among `items` back to the durable queue, in order (other stanzas are dropped
+    /// as for an unavailable resource).
+    fn requeue(&self, jid: &FullJid, items: Vec<Outgoing>) {
+        requeue(&self.ctx, jid.to_bare(), items);
     }
 
     /// Feed one framer event.
@@ -291,6 +424,7 @@ impl C2s {
         if self.phase == Phase::Closed {
             return;
         }
+        self.now = now;
         match event {
             Event::StreamOpen(header) => self.on_stream_open(&header),
             Event::StreamClose => {
@@ -350,7 +484,8 @@ impl C2s {
             )
         } else {
             format!(
-                "<stream:features><bind xmlns='{NS_BIND}'/><session xmlns='{NS_SESSION}'><optional/></session></stream:features>"
+                "<stream:features><bind xmlns='{NS_BIND}'/><session xmlns='{NS_SESSION}'><optional/></session>{}</stream:features>",
+                sm::FEATURE
             )
         };
         self.write(features);
@@ -381,13 +516,14 @@ impl C2s {
             StartTls,
             Sasl,
             Stanza,
+            Sm(SmElement),
             Other,
         }
         let class = match (stanza.name(), stanza.ns()) {
             ("starttls", Some(NS_TLS)) => Class::StartTls,
             ("auth" | "response" | "abort", Some(NS_SASL)) => Class::Sasl,
             ("message" | "presence" | "iq", None | Some(NS_CLIENT)) => Class::Stanza,
-            _ => Class::Other,
+            (name, ns) => sm::classify(name, ns).map_or(Class::Other, Class::Sm),
         };
         match (self.phase, class) {
             (Phase::Negotiating, Class::StartTls) => {
@@ -405,7 +541,29 @@ impl C2s {
             {
                 self.on_bind_phase_iq(&stanza)
             }
-            (Phase::Active, Class::Stanza) => self.on_routable(stanza),
+            (Phase::Active, Class::Stanza) => {
+                self.on_routable(stanza);
+                // XEP-0198 §4: handled (delivered, answered or bounced).
+                if let Some(sm) = self.sm.as_mut() {
+                    sm.on_inbound_stanza();
+                }
+            }
+            (Phase::Negotiating, Class::Sm(SmElement::Resume))
+                if self.username.is_some() && self.pending_resume.is_none() =>
+            {
+                match sm::parse_resume(
+                    stanza.attr("previd").as_deref(),
+                    stanza.attr("h").as_deref(),
+                ) {
+                    Ok(req) => self.try_resume(req, None),
+                    Err(e) => self.write_bytes(e.failed_bytes()),
+                }
+            }
+            // XEP-0198 §3: not before resource binding.
+            (Phase::Negotiating, Class::Sm(SmElement::Enable)) if self.username.is_some() => {
+                self.write_bytes(sm::failed_element("unexpected-request"))
+            }
+            (Phase::Active, Class::Sm(el)) => self.on_sm(el, &stanza),
             (Phase::Negotiating, _) if !self.secure => {
                 self.stream_error("policy-violation", Some("STARTTLS is required first"))
             }
@@ -541,6 +699,11 @@ impl C2s {
             tracing::info!(peer = %self.peer, username = %user, "refusing a non-canonical username");
             return self.stream_error("not-authorized", Some("username is not in canonical form"));
         }
+        // A new login of a resource that waits detached ends that session; its pushes go back to
+        // the queue and reach this session by replay.
+        if let Some((_, old)) = self.ctx.resumption.take_by_jid(&jid) {
+            requeue(&self.ctx, jid.to_bare(), old.unacked);
+        }
         match self.ctx.router.bind(&jid, self.handle.clone()) {
             // RFC 6120 §7.7.2.2: override the old session; it gets <conflict/>.
             Ok(Some(old)) => old.kick(Kick::Conflict),
@@ -613,7 +776,7 @@ impl C2s {
             // RFC 6121 §8.5.2.1.3 / RFC 6120 §10.3: the server answers on the account's behalf.
             let reply = server_iq::handle(&stanza, &me, &self.ctx.domain, to.as_ref());
             if let Some(reply) = reply {
-                self.write(reply);
+                self.write_stanza(Bytes::from(reply));
             }
             return;
         }
@@ -654,6 +817,7 @@ impl C2s {
                     .unwrap_or(0);
                 let first = !self.available;
                 self.available = true;
+                self.presence = Some((priority, stamped.clone()));
                 self.ctx
                     .router
                     .set_presence(me, self.handle.id, Some((priority, stamped.clone())));
@@ -663,7 +827,7 @@ impl C2s {
                     // §4.2.2/§4.4.2: the new resource learns about the account's other resources.
                     for (res, p) in self.ctx.router.presences(&me.to_bare()) {
                         if res != me.resource().as_str() {
-                            self.write_bytes(p);
+                            self.write_stanza(p);
                         }
                     }
                 }
@@ -673,6 +837,7 @@ impl C2s {
                     self.broadcast_unavailable(me, stamped);
                 }
                 self.available = false;
+                self.presence = None;
             }
             (None, _) => {} // subscription management without a roster: nothing to do
             (Some(to), ptype) => {
@@ -728,7 +893,207 @@ impl C2s {
             etype,
             cond,
         );
-        self.write(reply);
+        self.write_stanza(Bytes::from(reply));
+    }
+
+    // ---- Stream management (XEP-0198) ------------------------------------------------------------
+
+    /// `<enable/>`, `<r/>`, `<a/>` (and a misplaced `<resume/>`) on a bound stream.
+    fn on_sm(&mut self, el: SmElement, stanza: &Stanza) {
+        match el {
+            SmElement::Enable => self.on_enable(stanza),
+            // §5: resumption replaces binding; this stream is bound already.
+            SmElement::Resume => self.write_bytes(sm::failed_element("unexpected-request")),
+            SmElement::Request => match self.sm.as_ref().map(|sm| sm.on_request()) {
+                Some(Ok(a)) => self.write_bytes(a),
+                Some(Err(e)) => self.sm_stream_error(&e),
+                None => self.sm_stream_error(&SmError::NotEnabled),
+            },
+            SmElement::Ack => {
+                let Some(sm) = self.sm.as_mut() else {
+                    return self.sm_stream_error(&SmError::NotEnabled);
+                };
+                let released =
+                    sm::parse_ack(stanza.attr("h").as_deref()).and_then(|h| sm.on_ack(h, self.now));
+                match released {
+                    Ok(released) => self.report_acked(released),
+                    Err(e) => self.sm_stream_error(&e),
+                }
+            }
+        }
+    }
+
+    fn on_enable(&mut self, stanza: &Stanza) {
+        if self.sm.is_some() {
+            return self.write_bytes(SmError::AlreadyEnabled.failed_bytes());
+        }
+        let req = match sm::parse_enable(
+            stanza.attr("resume").as_deref(),
+            stanza.attr("max").as_deref(),
+        ) {
+            Ok(r) => r,
+            Err(e) => return self.write_bytes(e.failed_bytes()),
+        };
+        let token: u128 = rand::random();
+        let mut state = Box::new(Sm::new(self.ctx.sm));
+        match state.enable(req, token, self.now) {
+            Ok(enabled) => {
+                if enabled.resume_id.is_some() {
+                    self.handle.set_resume_token(token);
+                }
+                metrics::counter!("tern_sm_enabled_total").increment(1);
+                self.write_bytes(enabled.bytes);
+                self.sm = Some(state);
+            }
+            Err(e) => self.write_bytes(e.failed_bytes()),
+        }
+    }
+
+    /// `<resume/>` (§5). When the old stream is still attached (its peer vanished and the server has
+    /// not noticed yet) it is told to detach, and the resumption is retried until `give_up`.
+    fn try_resume(&mut self, req: ResumeRequest, give_up: Option<Instant>) {
+        let account = self
+            .username
+            .as_deref()
+            .and_then(|u| BareJid::new(&format!("{u}@{}", self.ctx.domain)).ok());
+        let Some(account) = account else {
+            return self.write_bytes(ResumeError::ItemNotFound.failed_bytes());
+        };
+        match self
+            .ctx
+            .resumption
+            .resume(&req.previd, req.h, &account, self.now)
+        {
+            Ok(resumed) => self.resumed(resumed, &req.previd),
+            Err(ResumeError::ItemNotFound) => {
+                let give_up = match give_up {
+                    Some(at) => at,
+                    None => {
+                        let token = u128::from_str_radix(&req.previd, 16).ok();
+                        let attached = self
+                            .ctx
+                            .router
+                            .sessions(&account)
+                            .into_iter()
+                            .find(|(_, h)| token.is_some() && h.resume_token() == token);
+                        let Some((_, old)) = attached else {
+                            return self.resume_failed(&ResumeError::ItemNotFound);
+                        };
+                        old.kick(Kick::Resumed);
+                        self.now + RESUME_TAKEOVER_WAIT
+                    }
+                };
+                if self.now >= give_up {
+                    return self.resume_failed(&ResumeError::ItemNotFound);
+                }
+                self.pending_resume = Some((req, self.now + RESUME_RETRY, give_up));
+            }
+            Err(e) => self.resume_failed(&e),
+        }
+    }
+
+    fn resume_failed(&mut self, e: &ResumeError) {
+        metrics::counter!("tern_sm_resume_failures_total").increment(1);
+        tracing::debug!(peer = %self.peer, "resumption failed: {e}");
+        self.write_bytes(e.failed_bytes());
+    }
+
+    fn resumed(&mut self, r: sm::Resumed<Arc<PushMeta>>, previd: &str) {
+        let sm::Resumed {
+            bytes,
+            resend,
+            acked,
+            full_jid,
+            presence,
+            state,
+        } = r;
+        match self.ctx.router.bind(&full_jid, self.handle.clone()) {
+            Ok(Some(old)) => old.kick(Kick::Conflict),
+            Ok(None) => {}
+            Err(e) => {
+                // The account filled its resources meanwhile: the pushes go back to the queue.
+                tracing::info!(peer = %self.peer, jid = %full_jid, "resumption refused: {e}");
+                let mut state = state;
+                let mut items = acked;
+                items.extend(state.take_unacked());
+                requeue(&self.ctx, full_jid.to_bare(), items);
+                return self.resume_failed(&ResumeError::ItemNotFound);
+            }
+        }
+        metrics::gauge!("tern_sessions").increment(1.0);
+        metrics::counter!("tern_sm_resumed_total").increment(1);
+        tracing::debug!(peer = %self.peer, jid = %full_jid, resent = resend.len(), "session resumed");
+        if let Ok(token) = u128::from_str_radix(previd, 16) {
+            self.handle.set_resume_token(token);
+        }
+        self.write_bytes(bytes);
+        // §5: retransmit what the client had not handled; `state` tracks them already.
+        for b in resend {
+            self.write_bytes(b);
+        }
+        self.sm = Some(Box::new(state));
+        self.phase = Phase::Active;
+        self.jid = Some(full_jid.clone());
+        self.report_acked(acked);
+        if let Some((priority, p)) = presence {
+            // Other resources and observers saw it leave when its stream broke.
+            self.available = true;
+            self.ctx
+                .router
+                .set_presence(&full_jid, self.handle.id, Some((priority, p.clone())));
+            self.ctx
+                .router
+                .broadcast_presence(&full_jid.to_bare(), p.clone());
+            self.presence = Some((priority, p));
+        }
+    }
+
+    /// Pushes the client acknowledged: their status becomes `acked`.
+    fn report_acked(&self, released: Vec<Outgoing>) {
+        let (Some(fates), Some(jid)) = (&self.ctx.fates, &self.jid) else {
+            return;
+        };
+        let push_ids: Vec<String> = released
+            .into_iter()
+            .filter_map(|(_, tag)| tag.map(|t| t.push_id.clone()))
+            .collect();
+        if !push_ids.is_empty() {
+            let _ = fates.send(PushFate::Acked {
+                recipient: jid.to_bare(),
+                push_ids,
+            });
+        }
+    }
+
+    /// Keep an outbound stanza until acknowledged; ask for an ack when due (§4).
+    fn track(&mut self, stanza: Bytes, tag: Option<Arc<PushMeta>>) {
+        let Some(sm) = self.sm.as_mut() else {
+            return;
+        };
+        match sm.on_outbound_stanza(stanza, tag, self.now) {
+            Ok(()) if sm.should_request(self.now) => {
+                let r = sm.request_bytes(self.now);
+                self.write_bytes(r);
+            }
+            Ok(()) => {}
+            Err(e) => {
+                metrics::counter!("tern_limit_hits_total", "limit" => "sm_unacked").increment(1);
+                tracing::info!(peer = %self.peer, "closing: {e} (sm.max_unacked_stanzas / sm.max_unacked_bytes)");
+                self.sm_stream_error(&e);
+            }
+        }
+    }
+
+    /// A stream management error ends the stream (§6), with its application condition.
+    fn sm_stream_error(&mut self, e: &SmError) {
+        if self.phase == Phase::Closed {
+            return;
+        }
+        metrics::counter!("tern_stream_errors_total", "condition" => e.stream_condition())
+            .increment(1);
+        self.write_bytes(e.stream_error_bytes());
+        self.write_static("</stream:stream>");
+        self.close();
     }
 
     // ---- Output helpers --------------------------------------------------------------------------
@@ -746,10 +1111,17 @@ impl C2s {
         self.actions.push_back(Action::Write(b));
     }
 
+    /// A stanza (message, presence, iq) the server writes itself: counted by stream management.
+    fn write_stanza(&mut self, b: Bytes) {
+        self.actions.push_back(Action::Write(b.clone()));
+        self.track(b, None);
+    }
+
     /// Leave the registry at once (nothing more is routed to a closing stream), then close.
     fn close(&mut self) {
-        self.leave();
         self.phase = Phase::Closed;
+        let resumable = std::mem::take(&mut self.resumable_close);
+        self.leave(resumable);
         self.actions.push_back(Action::Close);
     }
 
@@ -777,6 +1149,27 @@ impl Drop for C2s {
     /// Also on a panic in the connection task: the registry never keeps a dead session.
     fn drop(&mut self) {
         self.on_disconnected();
+    }
+}
+
+/// Send the pushes among `items` back to the front of `recipient`'s durable queue, in order; other
+/// stanzas are dropped, as for an unavailable resource (XEP-0198 §4).
+fn requeue(ctx: &C2sContext, recipient: BareJid, items: Vec<Outgoing>) {
+    let items: Vec<(Bytes, Arc<PushMeta>)> = items
+        .into_iter()
+        .filter_map(|(b, tag)| tag.map(|t| (b, t)))
+        .collect();
+    if items.is_empty() {
+        return;
+    }
+    metrics::counter!("tern_pushes_requeued_total").increment(items.len() as u64);
+    match &ctx.fates {
+        Some(fates) => {
+            let _ = fates.send(PushFate::Requeue { recipient, items });
+        }
+        None => {
+            tracing::warn!(jid = %recipient, pushes = items.len(), "unacknowledged pushes lost: no offline queue")
+        }
     }
 }
 
@@ -833,6 +1226,14 @@ mod tests {
         ctx: Arc<C2sContext>,
         _dir: tempfile::TempDir,
         t0: Instant,
+        fates: std::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<PushFate>>,
+    }
+
+    impl World {
+        fn fates(&self) -> Vec<PushFate> {
+            let mut rx = self.fates.lock().unwrap();
+            std::iter::from_fn(|| rx.try_recv().ok()).collect()
+        }
     }
 
     fn world() -> World {
@@ -843,6 +1244,7 @@ mod tests {
             device_secret: Some(SECRET.into()),
             ..AuthConfig::default()
         };
+        let (fates, fates_rx) = tokio::sync::mpsc::unbounded_channel();
         let ctx = Arc::new(C2sContext {
             domain: "localhost".into(),
             router: Arc::new(Router::with_max_resources(3)),
@@ -852,11 +1254,15 @@ mod tests {
             preauth_max_bytes: 65536,
             ping_interval: Some(Duration::from_secs(300)),
             ping_timeout: Duration::from_secs(60),
+            sm: SmConfig::default(),
+            resumption: Arc::new(ResumptionRegistry::new(SmConfig::default())),
+            fates: Some(fates),
         });
         World {
             ctx,
             _dir: dir,
             t0: Instant::now(),
+            fates: std::sync::Mutex::new(fates_rx),
         }
     }
 
@@ -1315,6 +1721,259 @@ mod tests {
         );
         assert!(r.is_empty(), "alice is still available: {r}");
         assert_eq!(a2.routed().len(), 1);
+    }
+
+    fn push(n: u32) -> Outgoing {
+        let meta = PushMeta {
+            push_id: format!("p{n}"),
+            created: std::time::SystemTime::UNIX_EPOCH,
+            expires_at: std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1 << 40),
+        };
+        (
+            Bytes::from(format!("<message id='p{n}'><body>{n}</body></message>")),
+            Some(Arc::new(meta)),
+        )
+    }
+
+    /// The previd of an `<enabled id='..' resume='true'/>` answer.
+    fn sm_id(enabled: &str) -> String {
+        let start = enabled.find(" id='").expect("id") + 5;
+        enabled[start..].split('\'').next().unwrap().to_string()
+    }
+
+    /// Log in without binding (for `<resume/>`).
+    fn authenticated(w: &World, user: &str, pw: &str) -> Client {
+        let mut c = Client::new(w, true);
+        c.send(HDR, w.t0);
+        let auth = B64.encode(format!("\0{user}\0{pw}"));
+        let r = c.send(
+            &format!("<auth xmlns='{NS_SASL}' mechanism='PLAIN'>{auth}</auth>"),
+            w.t0,
+        );
+        assert!(r.contains("<success"), "{r}");
+        let r = c.send(HDR, w.t0);
+        assert!(
+            r.contains("<sm xmlns='urn:xmpp:sm:3'/>"),
+            "XEP-0198 §2 feature: {r}"
+        );
+        c
+    }
+
+    #[test]
+    fn sm_enable_counts_and_acks() {
+        let w = world();
+        let mut c = authenticated(&w, "alice", "pencil");
+        // §3: not before binding.
+        let r = c.send("<enable xmlns='urn:xmpp:sm:3'/>", w.t0);
+        assert!(
+            r.contains("<failed xmlns='urn:xmpp:sm:3'><unexpected-request"),
+            "{r}"
+        );
+        let r = c.send(
+            &format!(
+                "<iq type='set' id='b'><bind xmlns='{NS_BIND}'><resource>r</resource></bind></iq>"
+            ),
+            w.t0,
+        );
+        assert!(r.contains("<jid>"), "{r}");
+        let r = c.send(
+            "<enable xmlns='urn:xmpp:sm:3' resume='true' max='60'/>",
+            w.t0,
+        );
+        assert!(
+            r.contains("resume='true' max='60'"),
+            "client's smaller max wins: {r}"
+        );
+        let r = c.send("<enable xmlns='urn:xmpp:sm:3'/>", w.t0);
+        assert!(r.contains("<failed"), "only one enable: {r}");
+        // Two handled inbound stanzas (a ping and a presence).
+        c.send(
+            "<iq type='get' id='p'><ping xmlns='urn:xmpp:ping'/></iq><presence/>",
+            w.t0,
+        );
+        let r = c.send("<r xmlns='urn:xmpp:sm:3'/>", w.t0);
+        assert!(r.contains("<a xmlns='urn:xmpp:sm:3' h='2'/>"), "{r}");
+        // Outbound: the ping result (1), the own presence (routed: 2), then 3 pushes: the 5th asks.
+        let own: Vec<Outgoing> = {
+            let mut v = Vec::new();
+            c.handle.drain(usize::MAX, &mut v);
+            v
+        };
+        c.c2s.on_routed(&own, w.t0);
+        c.c2s.on_routed(&[push(1), push(2)], w.t0);
+        assert!(!c.drain().contains("<r "), "not yet");
+        c.c2s.on_routed(&[push(3)], w.t0);
+        assert!(
+            c.drain().contains("<r xmlns='urn:xmpp:sm:3'/>"),
+            "request_every = 5"
+        );
+        // h=3 acknowledges the ping result, the presence and push 1.
+        c.send("<a xmlns='urn:xmpp:sm:3' h='3'/>", w.t0);
+        match w.fates().as_slice() {
+            [
+                PushFate::Acked {
+                    recipient,
+                    push_ids,
+                },
+            ] => {
+                assert_eq!(recipient.as_str(), "alice@localhost");
+                assert_eq!(push_ids, &["p1"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        // §6: acknowledging more than was sent ends the stream.
+        let r = c.send("<a xmlns='urn:xmpp:sm:3' h='9'/>", w.t0);
+        assert!(
+            r.contains("<handled-count-too-high xmlns='urn:xmpp:sm:3' h='9' send-count='5'/>"),
+            "{r}"
+        );
+        assert!(c.c2s.is_closed());
+        // A non-resumable end: the unacknowledged pushes 2 and 3 go back to the queue, in order.
+        match w.fates().as_slice() {
+            [PushFate::Requeue { items, .. }] => {
+                let ids: Vec<_> = items.iter().map(|(_, m)| m.push_id.as_str()).collect();
+                assert_eq!(ids, ["p2", "p3"]);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn sm_r_before_enable_is_a_stream_error() {
+        let w = world();
+        let mut c = Client::login(&w, "alice", "pencil", "r");
+        let r = c.send("<r xmlns='urn:xmpp:sm:3'/>", w.t0);
+        assert!(r.contains("<unsupported-stanza-type"), "{r}");
+    }
+
+    #[test]
+    fn sm_resume_after_a_broken_connection_resends_unacked() {
+        let w = world();
+        let mut a = Client::login(&w, "alice", "pencil", "r");
+        let r = a.send("<enable xmlns='urn:xmpp:sm:3' resume='true'/>", w.t0);
+        let id = sm_id(&r);
+        a.send("<presence/>", w.t0);
+        a.routed();
+        a.c2s.on_routed(&[push(1), push(2)], w.t0);
+        // Push 3 was routed but never written when the connection broke.
+        a.handle.try_send_tagged(push(3).0, push(3).1).unwrap();
+        a.c2s.on_disconnected();
+        assert_eq!(w.ctx.resumption.len(), 1, "detached, not requeued");
+        assert!(w.fates().is_empty());
+        assert_eq!(w.ctx.router.session_count(), 0);
+
+        // Another account cannot take it over.
+        let pw = Authenticator::device_password(SECRET, "bob@localhost");
+        let mut b = authenticated(&w, "bob", &pw);
+        let r = b.send(
+            &format!("<resume xmlns='urn:xmpp:sm:3' previd='{id}' h='0'/>"),
+            w.t0,
+        );
+        assert!(r.contains("<item-not-found"), "{r}");
+
+        // The client handled push 1 only (h=1): pushes 2 and 3 are resent, in order.
+        let mut a2 = authenticated(&w, "alice", "pencil");
+        let r = a2.send(
+            &format!("<resume xmlns='urn:xmpp:sm:3' previd='{id}' h='1'/>"),
+            w.t0,
+        );
+        let resumed = r.find("<resumed xmlns='urn:xmpp:sm:3' h='1'").expect(&r);
+        let (p2, p3) = (
+            r.find("<body>2</body>").expect(&r),
+            r.find("<body>3</body>").expect(&r),
+        );
+        assert!(resumed < p2 && p2 < p3, "{r}");
+        assert!(!r.contains("<body>1</body>"), "{r}");
+        assert_eq!(a2.c2s.jid().map(|j| j.as_str()), Some("alice@localhost/r"));
+        assert!(a2.c2s.is_available(), "presence restored");
+        assert!(w.ctx.router.is_current(a2.c2s.jid().unwrap(), a2.handle.id));
+        match w.fates().as_slice() {
+            [PushFate::Acked { push_ids, .. }] => assert_eq!(push_ids, &["p1"]),
+            other => panic!("{other:?}"),
+        }
+        // Counting continues: the client acknowledges everything.
+        a2.send("<a xmlns='urn:xmpp:sm:3' h='3'/>", w.t0);
+        match w.fates().as_slice() {
+            [PushFate::Acked { push_ids, .. }] => assert_eq!(push_ids, &["p2", "p3"]),
+            other => panic!("{other:?}"),
+        }
+        // A clean close ends it for good (§7).
+        a2.send("</stream:stream>", w.t0);
+        let mut a3 = authenticated(&w, "alice", "pencil");
+        let r = a3.send(
+            &format!("<resume xmlns='urn:xmpp:sm:3' previd='{id}' h='3'/>"),
+            w.t0,
+        );
+        assert!(r.contains("<item-not-found"), "{r}");
+    }
+
+    #[test]
+    fn sm_resume_takes_over_a_stream_that_is_still_attached() {
+        let w = world();
+        let mut a = Client::login(&w, "alice", "pencil", "r");
+        let id = sm_id(&a.send("<enable xmlns='urn:xmpp:sm:3' resume='true'/>", w.t0));
+        a.c2s.on_routed(&[push(1)], w.t0);
+        let mut a2 = authenticated(&w, "alice", "pencil");
+        let r = a2.send(
+            &format!("<resume xmlns='urn:xmpp:sm:3' previd='{id}' h='0'/>"),
+            w.t0,
+        );
+        assert!(r.is_empty(), "waits for the old stream: {r}");
+        assert_eq!(a.handle.kick_reason(), Some(Kick::Resumed));
+        // The old connection's task notices the kick.
+        a.c2s.on_kick(Kick::Resumed);
+        assert!(
+            !a.drain().contains("<stream:error"),
+            "the old stream is ended silently"
+        );
+        let t = a2.c2s.next_timeout().expect("retry timer");
+        a2.c2s.on_timeout(t);
+        let r = a2.drain();
+        assert!(
+            r.contains("<resumed") && r.contains("<body>1</body>"),
+            "{r}"
+        );
+    }
+
+    #[test]
+    fn sm_new_login_of_a_detached_resource_requeues_its_pushes() {
+        let w = world();
+        let mut a = Client::login(&w, "alice", "pencil", "r");
+        a.send("<enable xmlns='urn:xmpp:sm:3' resume='true'/>", w.t0);
+        a.c2s.on_routed(&[push(1)], w.t0);
+        a.c2s.on_disconnected();
+        assert_eq!(w.ctx.resumption.len(), 1);
+        let _a2 = Client::login(&w, "alice", "pencil", "r");
+        assert_eq!(w.ctx.resumption.len(), 0, "no longer resumable");
+        assert!(
+            matches!(w.fates().as_slice(), [PushFate::Requeue { items, .. }] if items.len() == 1)
+        );
+    }
+
+    #[test]
+    fn sm_ping_timeout_detaches_and_clean_close_requeues() {
+        let w = world();
+        let mut a = Client::login(&w, "alice", "pencil", "r");
+        a.send("<enable xmlns='urn:xmpp:sm:3' resume='true'/>", w.t0);
+        a.c2s.on_routed(&[push(1)], w.t0);
+        // No inbound data: ack requests, a ping, then the ping times out (a dead peer).
+        for _ in 0..20 {
+            match a.c2s.next_timeout() {
+                Some(t) => a.c2s.on_timeout(t),
+                None => break,
+            }
+        }
+        assert!(a.c2s.is_closed());
+        assert_eq!(w.ctx.resumption.len(), 1, "a dead peer may come back");
+
+        let mut b = Client::login(&w, "alice", "pencil", "other");
+        b.send("<enable xmlns='urn:xmpp:sm:3' resume='true'/>", w.t0);
+        b.c2s.on_routed(&[push(2)], w.t0);
+        b.send("</stream:stream>", w.t0);
+        assert_eq!(w.ctx.resumption.len(), 1, "a clean close is final (§7)");
+        assert!(
+            matches!(w.fates().as_slice(), [PushFate::Requeue { items, .. }] if items[0].1.push_id == "p2")
+        );
     }
 
     #[test]

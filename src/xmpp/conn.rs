@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::c2s::{Action, C2s, C2sContext};
 use super::framer::{Framer, FramerLimits};
-use super::router::SessionHandle;
+use super::router::{PushMeta, SessionHandle};
 use crate::limits::TokenBucket;
 use crate::store::queue::{PushQueue, PushState};
 
@@ -114,6 +114,7 @@ pub async fn serve(
         peer,
         reparse: false,
         queue: settings.queue.clone(),
+        replay_due: true,
     };
     // The socket lives here and `run` borrows it, so the task stores one stream, not two.
     let result = async {
@@ -189,8 +190,11 @@ struct Conn {
     peer: SocketAddr,
     /// Parsing stopped early for a restart; buffered bytes remain to be parsed.
     reparse: bool,
-    /// The offline queue, until it has been replayed to this session (then `None`).
+    /// The durable offline queue.
     queue: Option<PushQueue>,
+    /// The queue must be read (again) once the session is available: at first, and whenever a push
+    /// was stored for it meanwhile ([`SessionHandle::request_replay`]).
+    replay_due: bool,
 }
 
 impl Conn {
@@ -240,13 +244,14 @@ impl Conn {
             write_flush(io, &out).await?;
             // Once the session is available, pushes stored while it was offline go out first, before
             // anything routed to it live (those wait in the handle, drained below).
-            if self.c2s.is_available()
+            if self.replay_due
+                && self.c2s.is_available()
                 && !self.c2s.is_closed()
-                && let Some(jid) = self.c2s.jid()
-                && let Some(queue) = self.queue.take()
+                && let Some(queue) = &self.queue
             {
-                let bare = jid.to_bare().to_string();
-                replay(io, &queue, &bare).await?;
+                self.replay_due = false;
+                replay(io, queue, &mut self.c2s).await?;
+                continue;
             }
             // Bytes that arrived behind a stream restart are parsed only now, after the restart.
             if self.reparse {
@@ -273,9 +278,16 @@ impl Conn {
                         self.c2s.on_kick(why);
                         continue;
                     }
+                    if self.handle.take_replay_request() {
+                        self.replay_due = true;
+                    }
                     let mut batch = Vec::new();
                     self.handle.drain(WRITE_BATCH, &mut batch);
+                    if batch.is_empty() {
+                        continue;
+                    }
                     metrics::counter!("tern_stanzas_out_total").increment(batch.len() as u64);
+                    self.c2s.on_routed(&batch, Instant::now().into_std());
                     match batch.as_slice() {
                         [(one, _)] => write_flush(io, one).await?,
                         many => {
@@ -293,6 +305,7 @@ impl Conn {
                     if let Some(b) = &mut self.bucket {
                         b.consume(n, now);
                     }
+                    self.handle.touch(std::time::SystemTime::now());
                     self.c2s.on_bytes(n, now);
                     self.pump(now);
                 }
@@ -309,14 +322,19 @@ impl Conn {
 /// Stored pushes written per batch during a replay.
 const REPLAY_BATCH: usize = 100;
 
-/// Write every stored push of `bare` to `io`, oldest first, removing each batch (status
-/// `delivered`) only after it was written and flushed: at-least-once delivery.
+/// Write every stored push of the session's account to `io`, oldest first, removing each batch
+/// (status `delivered`) only after it was written and flushed: at-least-once delivery. With stream
+/// management the session keeps them until acknowledged (or puts them back in the queue).
 async fn replay<S: AsyncWrite + Unpin>(
     io: &mut S,
     queue: &PushQueue,
-    bare: &str,
+    c2s: &mut C2s,
 ) -> std::io::Result<()> {
-    loop {
+    let Some(jid) = c2s.jid() else {
+        return Ok(());
+    };
+    let bare = &jid.to_bare().to_string();
+    while !c2s.is_closed() {
         let items = match queue.peek(bare, std::time::SystemTime::now(), REPLAY_BATCH) {
             Ok(items) => items,
             Err(e) => {
@@ -329,8 +347,17 @@ async fn replay<S: AsyncWrite + Unpin>(
         }
         let n = items.len();
         let mut out = Vec::with_capacity(items.iter().map(|i| i.stanza.len()).sum());
+        let now = Instant::now().into_std();
         for i in &items {
             out.extend_from_slice(&i.stanza);
+            if c2s.sm_enabled() {
+                let meta = PushMeta {
+                    push_id: i.push_id.clone(),
+                    created: i.created,
+                    expires_at: i.expires_at,
+                };
+                c2s.on_written(&i.stanza, Some(Arc::new(meta)), now);
+            }
         }
         write_flush(io, &out).await?;
         metrics::counter!("tern_stanzas_out_total").increment(n as u64);
@@ -344,6 +371,7 @@ async fn replay<S: AsyncWrite + Unpin>(
         }
         tracing::debug!(jid = bare, pushes = n, "replayed stored pushes");
     }
+    Ok(())
 }
 
 /// Read at most `limit` bytes into the thread's buffer and hand them to the framer in the same poll.

@@ -44,6 +44,26 @@ pub struct PushMeta {
 /// A stanza waiting for a session's socket, with its push identity when it is one.
 pub type Outgoing = (Bytes, Option<Arc<PushMeta>>);
 
+/// What became of pushes a session wrote, for the durable queue's owner (sent over a channel, so the
+/// sans-IO session never waits for the disk).
+#[derive(Debug)]
+pub enum PushFate {
+    /// The client acknowledged them (XEP-0198 `<a h/>`): status `acked`.
+    Acked {
+        recipient: BareJid,
+        push_ids: Vec<String>,
+    },
+    /// The session ended (or its resumption window ran out) before the client acknowledged them:
+    /// back to the front of the recipient's queue, in order (XEP-0198 §4: treat them as sent to an
+    /// unavailable resource).
+    Requeue {
+        recipient: BareJid,
+        items: Vec<(Bytes, Arc<PushMeta>)>,
+    },
+}
+
+pub type PushFates = tokio::sync::mpsc::UnboundedSender<PushFate>;
+
 /// Told when an account's first resource is bound and when its last one leaves (webhooks).
 /// Called synchronously from the routing path: implementations must not block.
 pub trait SessionEvents: Send + Sync + std::fmt::Debug {

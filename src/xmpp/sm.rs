@@ -643,6 +643,7 @@ impl<T> StreamMgmt<T> {
                     acked_h: self.acked,
                     unacked,
                     max: info.max,
+                    presence: None,
                 },
             },
             _ => Detach::Requeue(unacked),
@@ -667,6 +668,9 @@ pub struct DetachedSession<T> {
     pub unacked: Vec<(Bytes, Option<T>)>,
     /// The resumption window granted in `<enabled max/>`.
     pub max: Duration,
+    /// The resource's last available presence and priority, restored on resumption (the caller
+    /// fills it in; the stream itself does not know it).
+    pub presence: Option<(i8, Bytes)>,
 }
 
 impl<T> DetachedSession<T> {
@@ -689,6 +693,8 @@ pub struct Resumed<T> {
     pub acked: Vec<(Bytes, Option<T>)>,
     /// The resource to bind again.
     pub full_jid: FullJid,
+    /// The presence to restore ([`DetachedSession::presence`]).
+    pub presence: Option<(i8, Bytes)>,
     /// The stream's state to continue with: enabled, same SM-ID and window, counters carried over.
     pub state: StreamMgmt<T>,
 }
@@ -842,6 +848,7 @@ impl<T> ResumptionRegistry<T> {
             acked_h,
             unacked,
             max,
+            presence,
         } = entry.session;
         let n = h.wrapping_sub(acked_h) as usize;
         let mut rest: VecDeque<_> = unacked.into();
@@ -864,6 +871,7 @@ impl<T> ResumptionRegistry<T> {
             resend,
             acked,
             full_jid,
+            presence,
             state,
         })
     }
@@ -980,6 +988,7 @@ mod tests {
             acked_h,
             unacked: (0..n).map(|i| (msg(i), Some(i))).collect(),
             max: Duration::from_secs(300),
+            presence: None,
         }
     }
 
