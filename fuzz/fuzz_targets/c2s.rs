@@ -1,6 +1,7 @@
 //! Fuzz the c2s state machine behind the framer: arbitrary client bytes, optionally after a valid
-//! login, against a live router with a second bound session. Finds panics on input-driven paths in
-//! c2s, SASL, server-answered iqs and routing.
+//! login (with or without XEP-0198 enabled), against a live router with a second bound session; the
+//! session ends broken, so resumable ones detach and a second stream may resume them. Finds panics
+//! on input-driven paths in c2s, SASL, stream management, server-answered iqs and routing.
 #![no_main]
 
 use std::sync::{Arc, OnceLock};
@@ -14,6 +15,7 @@ use tern::store::accounts::AccountStore;
 use tern::xmpp::c2s::{Action, C2s, C2sContext};
 use tern::xmpp::framer::{Framer, FramerLimits};
 use tern::xmpp::router::{Router, SessionHandle};
+use tern::xmpp::sm::{ResumptionRegistry, SmConfig};
 
 const HDR: &str = "<stream:stream to='localhost' xmlns='jabber:client' \
                    xmlns:stream='http://etherx.jabber.org/streams' version='1.0'>";
@@ -39,6 +41,9 @@ fn ctx() -> Arc<C2sContext> {
             preauth_max_bytes: 65536,
             ping_interval: Some(Duration::from_secs(300)),
             ping_timeout: Duration::from_secs(60),
+            sm: SmConfig::default(),
+            resumption: Arc::new(ResumptionRegistry::new(SmConfig::default())),
+            fates: None,
         })
     })
     .clone()
@@ -108,9 +113,15 @@ fuzz_target!(|data: &[u8]| {
     let now = Instant::now();
     // A peer the fuzzed session can route to.
     let (_peer, _pf, _ph) = login("fuzz", "peer", now);
-    let (mut c, mut f, h) = match mode % 3 {
+    let (mut c, mut f, h) = match mode % 4 {
         0 => client(mode & 0x80 != 0, now),
         1 => login("fuzz", "me", now),
+        2 => {
+            let (mut c, mut f, h) = login("fuzz", "me", now);
+            let enable = "<enable xmlns='urn:xmpp:sm:3' resume='true'/>";
+            feed(&mut c, &mut f, enable.as_bytes(), now);
+            (c, f, h)
+        }
         _ => {
             let (mut c, mut f, h) = client(true, now);
             feed(&mut c, &mut f, HDR.as_bytes(), now);
@@ -124,5 +135,16 @@ fuzz_target!(|data: &[u8]| {
     feed(&mut c, &mut f, &rest[cut..], now + Duration::from_secs(1));
     let mut out = Vec::new();
     h.drain(usize::MAX, &mut out);
+    c.on_routed(&out, now + Duration::from_secs(1));
     c.on_disconnected();
+    // Whatever was detached is taken over by a new stream sending the same input after SASL.
+    let (mut c2, mut f2, _) = client(true, now);
+    let auth = base64::engine::general_purpose::STANDARD.encode("\0fuzz\0pw");
+    let script = format!(
+        "{HDR}<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{auth}</auth>{HDR}"
+    );
+    feed(&mut c2, &mut f2, script.as_bytes(), now);
+    feed(&mut c2, &mut f2, rest, now + Duration::from_secs(2));
+    c2.on_disconnected();
+    ctx().resumption.take_all();
 });

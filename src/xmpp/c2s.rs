@@ -130,7 +130,7 @@ pub struct C2s {
     /// The last available presence and its priority (restored when a detached session resumes).
     presence: Option<(i8, Bytes)>,
     /// A `<resume/>` waiting for the old stream to detach: request, next try, give-up time.
-    pending_resume: Option<(ResumeRequest, Instant, Instant)>,
+    pending_resume: Option<Box<(ResumeRequest, Instant, Instant)>>,
     /// The close about to happen keeps the session resumable (dead peer, or resumed elsewhere).
     resumable_close: bool,
 }
@@ -270,7 +270,7 @@ impl C2s {
         [
             self.session_deadline(),
             self.sm.as_ref().and_then(|sm| sm.next_request_at()),
-            self.pending_resume.as_ref().map(|(_, next, _)| *next),
+            self.pending_resume.as_ref().map(|p| p.1),
         ]
         .into_iter()
         .flatten()
@@ -294,9 +294,10 @@ impl C2s {
             return;
         }
         self.now = now;
-        if let Some((req, next, give_up)) = self.pending_resume.take() {
+        if let Some(pending) = self.pending_resume.take() {
+            let (req, next, give_up) = *pending;
             if now < next {
-                self.pending_resume = Some((req, next, give_up));
+                self.pending_resume = Some(Box::new((req, next, give_up)));
             } else {
                 self.try_resume(req, Some(give_up));
             }
@@ -986,7 +987,7 @@ impl C2s {
                 if self.now >= give_up {
                     return self.resume_failed(&ResumeError::ItemNotFound);
                 }
-                self.pending_resume = Some((req, self.now + RESUME_RETRY, give_up));
+                self.pending_resume = Some(Box::new((req, self.now + RESUME_RETRY, give_up)));
             }
             Err(e) => self.resume_failed(&e),
         }
