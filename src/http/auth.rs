@@ -7,18 +7,27 @@
 //!
 //! No key at all gives 401 with `WWW-Authenticate: Bearer`; a key that matches none gives 403; a
 //! client outside `allow_networks` gets 403 before its key is even looked at.
+//!
+//! Between the two sits the request rate limit ([`RateLimiter`], `http.rate_limit_per_sec`): a
+//! client over it gets 429 with `Retry-After`, before its key is checked, so guessing keys is slowed
+//! down too. `/healthz` and `/readyz` are not limited (probes must not fail because the management
+//! server is busy).
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::str::FromStr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
+use dashmap::DashMap;
 use subtle::ConstantTimeEq;
 
 use super::{HttpState, client_ip, json_error};
+use crate::limits::{TokenBucket, address_group};
 
 /// A network in CIDR notation (`10.0.0.0/8`, `2001:db8::/32`); a plain address is a single host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,7 +107,7 @@ pub async fn require_network(
     next.run(req).await
 }
 
-/// Middleware for every other route: allow-list, then a valid API key.
+/// Middleware for every other route: allow-list, rate limit, then a valid API key.
 pub async fn require_key(
     State(state): State<Arc<HttpState>>,
     req: Request,
@@ -110,6 +119,13 @@ pub async fn require_key(
             StatusCode::FORBIDDEN,
             "client address is not in http.allow_networks",
         );
+    }
+    // Without a recorded address (router used without `ConnectInfo`) there is nothing to key on.
+    if let (Some(limiter), Some(ip)) = (&state.rate_limit, client_ip(&req))
+        && let Err(wait) = limiter.check(ip, Instant::now())
+    {
+        metrics::counter!("tern_limit_hits_total", "limit" => "http_rate").increment(1);
+        return too_many_requests(limiter, wait, req.uri().path().starts_with("/rest/"));
     }
     let presented = presented_keys(req.headers(), req.uri().query());
     if presented.is_empty() {
@@ -127,6 +143,132 @@ pub async fn require_key(
         return json_error(StatusCode::FORBIDDEN, "invalid API key");
     }
     next.run(req).await
+}
+
+/// 429 with `Retry-After` (whole seconds, at least 1); plain text for `/rest/stream`, whose Tigase
+/// clients expect it, JSON elsewhere.
+fn too_many_requests(limiter: &RateLimiter, wait: Duration, plain: bool) -> Response {
+    let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+    let msg = format!(
+        "rate limit: more than {} requests per second (burst {}) from this client address; retry in \
+         {secs} s (http.rate_limit_per_sec)",
+        limiter.rate, limiter.burst
+    );
+    let mut resp = if plain {
+        (
+            StatusCode::TOO_MANY_REQUESTS,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            msg,
+        )
+            .into_response()
+    } else {
+        json_error(StatusCode::TOO_MANY_REQUESTS, msg)
+    };
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    resp
+}
+
+/// Requests per client: one token bucket per address group ([`address_group`]: an IPv6 client owns
+/// its whole /64), `rate` per second sustained and `burst` at most (`http.rate_limit_per_sec`,
+/// `http.rate_limit_burst`).
+///
+/// Memory stays bounded. A full bucket is the same as none, so every [`RateLimiter::PRUNE_EVERY`]
+/// the full ones are dropped. Beyond [`RateLimiter::MAX_CLIENTS`] tracked addresses, new addresses
+/// share one bucket: they are limited together rather than not at all, and no known client's bucket
+/// is ever reset to let a flood through.
+#[derive(Debug)]
+pub struct RateLimiter {
+    rate: usize,
+    burst: usize,
+    buckets: DashMap<IpAddr, TokenBucket>,
+    /// Origin of `next_prune_ms`.
+    epoch: Instant,
+    next_prune_ms: AtomicU64,
+    /// Requests refused since the last log line (one line per prune interval, not per request).
+    refused: AtomicU64,
+}
+
+impl RateLimiter {
+    /// Client addresses tracked one by one at most.
+    pub const MAX_CLIENTS: usize = 65_536;
+    /// How often full buckets are dropped (and refusals logged).
+    pub const PRUNE_EVERY: Duration = Duration::from_secs(10);
+    /// The bucket shared by the addresses beyond [`RateLimiter::MAX_CLIENTS`].
+    const OVERFLOW: IpAddr = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
+
+    /// `per_sec` requests per second sustained, `burst` at once (both at least 1).
+    pub fn new(per_sec: u32, burst: u32) -> Self {
+        Self {
+            rate: (per_sec as usize).max(1),
+            burst: (burst as usize).max(1),
+            buckets: DashMap::new(),
+            epoch: Instant::now(),
+            next_prune_ms: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+        }
+    }
+
+    /// Take one request's token for `ip` at `now`; `Err(wait)`: refused, a token is there in `wait`.
+    pub fn check(&self, ip: IpAddr, now: Instant) -> Result<(), Duration> {
+        self.maybe_prune(now);
+        let mut key = address_group(ip);
+        // No map guard is held here: `len` and `retain` lock every shard.
+        if self.buckets.len() >= Self::MAX_CLIENTS && !self.buckets.contains_key(&key) {
+            self.prune(now);
+            if self.buckets.len() >= Self::MAX_CLIENTS {
+                key = Self::OVERFLOW;
+            }
+        }
+        let mut bucket = self
+            .buckets
+            .entry(key)
+            .or_insert_with(|| TokenBucket::new(self.rate, self.burst, now));
+        if bucket.available(now) >= 1 {
+            bucket.consume(1, now);
+            return Ok(());
+        }
+        let wait = bucket.ready_at(1).saturating_duration_since(now);
+        drop(bucket);
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        Err(wait)
+    }
+
+    /// Client addresses currently tracked.
+    pub fn tracked(&self) -> usize {
+        self.buckets.len()
+    }
+
+    /// Prune once per [`RateLimiter::PRUNE_EVERY`] (whichever request comes first does it).
+    fn maybe_prune(&self, now: Instant) {
+        let now_ms = now.saturating_duration_since(self.epoch).as_millis() as u64;
+        let due = self.next_prune_ms.load(Ordering::Relaxed);
+        if now_ms < due {
+            return;
+        }
+        let next = now_ms + Self::PRUNE_EVERY.as_millis() as u64;
+        if self
+            .next_prune_ms
+            .compare_exchange(due, next, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+        {
+            return;
+        }
+        self.prune(now);
+        let refused = self.refused.swap(0, Ordering::Relaxed);
+        if refused > 0 {
+            tracing::warn!(
+                refused,
+                clients = self.buckets.len(),
+                "HTTP requests refused with 429 since the last report (http.rate_limit_per_sec)"
+            );
+        }
+    }
+
+    /// Drop the buckets that are full again (indistinguishable from a new one).
+    fn prune(&self, now: Instant) {
+        self.buckets.retain(|_, b| b.available(now) < b.burst());
+    }
 }
 
 /// Every key the request presents, in all accepted spellings. `Authorization: Basic` is not a key.
@@ -227,5 +369,60 @@ mod tests {
         assert!(!key_matches(&keys, b"0123456789abcdeF"));
         assert!(!key_matches(&keys, b""));
         assert_eq!(percent_decode("%zz%4"), b"%zz%4".to_vec());
+    }
+
+    #[test]
+    fn rate_limiter_refuses_beyond_the_burst_and_refills() {
+        let t0 = Instant::now();
+        let l = RateLimiter::new(2, 3);
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        for _ in 0..3 {
+            assert_eq!(l.check(a, t0), Ok(()));
+        }
+        let wait = l.check(a, t0).unwrap_err();
+        assert!(
+            wait > Duration::ZERO && wait <= Duration::from_millis(500),
+            "{wait:?}"
+        );
+        assert_eq!(l.check(b, t0), Ok(()), "another client has its own bucket");
+        assert_eq!(l.check(a, t0 + Duration::from_millis(500)), Ok(()));
+        assert!(l.check(a, t0 + Duration::from_millis(500)).is_err());
+        // Two addresses of one IPv6 /64 share a bucket.
+        let v6a: IpAddr = "2001:db8::1".parse().unwrap();
+        let v6b: IpAddr = "2001:db8::2".parse().unwrap();
+        for _ in 0..3 {
+            assert_eq!(l.check(v6a, t0), Ok(()));
+        }
+        assert!(l.check(v6b, t0).is_err());
+    }
+
+    #[test]
+    fn rate_limiter_forgets_idle_clients_and_stays_bounded() {
+        let t0 = Instant::now();
+        let l = RateLimiter::new(1000, 1000);
+        for i in 0..100u32 {
+            let ip = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+            assert_eq!(l.check(ip, t0), Ok(()));
+        }
+        // The first check pruned nothing yet and scheduled the next prune.
+        assert_eq!(l.tracked(), 100);
+        // Long enough later every bucket is full again: the next request prunes them all.
+        let later = t0 + RateLimiter::PRUNE_EVERY + Duration::from_secs(1);
+        let probe: IpAddr = "192.0.2.9".parse().unwrap();
+        assert_eq!(l.check(probe, later), Ok(()));
+        assert_eq!(l.tracked(), 1);
+
+        // Beyond MAX_CLIENTS busy addresses, new ones share the overflow bucket.
+        let l = RateLimiter::new(1, 1);
+        for i in 0..RateLimiter::MAX_CLIENTS as u32 {
+            let ip = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+            assert_eq!(l.check(ip, t0), Ok(()));
+        }
+        let n1: IpAddr = "198.51.100.1".parse().unwrap();
+        let n2: IpAddr = "198.51.100.2".parse().unwrap();
+        assert_eq!(l.check(n1, t0), Ok(()));
+        assert!(l.check(n2, t0).is_err(), "shares n1's bucket");
+        assert!(l.tracked() <= RateLimiter::MAX_CLIENTS + 1);
     }
 }

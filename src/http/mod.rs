@@ -1,11 +1,13 @@
 //! The HTTP service API the management server uses to push to endpoints (issue 3, "HTTP API").
 //!
-//! - [`auth`]: API keys (four spellings, constant-time comparison) and the client network allow-list.
+//! - [`auth`]: API keys (four spellings, constant-time comparison), the client network allow-list and
+//!   the per-client request rate limit.
 //! - [`rest_stream`]: Tigase-compatible `POST /rest/stream/{jid}` with a raw XML stanza.
-//! - [`api`]: the native JSON API under `/api/v1` (push, sessions, OpenAPI document).
+//! - [`api`]: the native JSON API under `/api/v1` (push, broadcast, push status, sessions, OpenAPI
+//!   document).
 //! - [`webhook`]: online/offline events POSTed to the management server.
 //!
-//! Everything here sits on top of [`Router`]: pushes are `Router::route` calls, iq replies come back
+//! Everything here sits on top of [`Router`]: pushes are `Router::route_tagged` calls, iq replies come back
 //! through `Router::await_iq_reply`. Posted XML goes through the c2s [`Framer`](crate::xmpp::framer)
 //! so the HTTP path accepts exactly the restricted XML a client connection would.
 //!
@@ -60,6 +62,11 @@ pub struct HttpState {
     pub default_ttl: Duration,
     /// Largest TTL a push may ask for (`queue.max_ttl_secs`).
     pub max_ttl: Duration,
+    /// Requests per client address (`http.rate_limit_per_sec`, `http.rate_limit_burst`); `None`:
+    /// unlimited.
+    pub rate_limit: Option<auth::RateLimiter>,
+    /// Broadcast ids answered recently (idempotent retries).
+    pub broadcasts: api::RecentBroadcasts,
 }
 
 impl std::fmt::Debug for HttpState {
@@ -74,6 +81,7 @@ impl std::fmt::Debug for HttpState {
             .field("allow", &self.allow)
             .field("iq_timeout", &self.iq_timeout)
             .field("max_body", &self.max_body)
+            .field("rate_limit", &self.rate_limit)
             .finish_non_exhaustive()
     }
 }
@@ -109,6 +117,10 @@ impl HttpState {
             queue: None,
             default_ttl: Duration::from_secs(86_400),
             max_ttl: Duration::from_secs(2_592_000),
+            rate_limit: (config.rate_limit_per_sec > 0).then(|| {
+                auth::RateLimiter::new(config.rate_limit_per_sec, config.rate_limit_burst)
+            }),
+            broadcasts: api::RecentBroadcasts::default(),
         })
     }
 }
@@ -120,6 +132,7 @@ pub fn router(state: Arc<HttpState>) -> axum::Router {
         .route("/rest/stream/", post(rest_stream::post_stream))
         .route("/rest/stream/{*jid}", post(rest_stream::post_stream_to))
         .route("/api/v1/push", post(api::push))
+        .route("/api/v1/broadcast", post(api::broadcast))
         .route("/api/v1/push/{id}", get(api::push_status))
         .route("/api/v1/sessions", get(api::list_sessions))
         .route(

@@ -14,7 +14,9 @@
 //! - message/presence → 200 with an empty body whatever happened, as Tigase does; the outcome is in
 //!   the `X-Tern-Delivery` header (`delivered`, `queued`, `offline`, `queue-full`). Messages nobody
 //!   online takes (with or without a `<body>`) are stored in the durable queue through
-//!   [`super::api::deliver`], the same path `POST /api/v1/push` uses.
+//!   `api::deliver`, the same path `POST /api/v1/push` uses. Each message is a push with a
+//!   fresh id and the default TTL (`queue.default_ttl_secs`), also when delivered live, so a
+//!   stream-management session can acknowledge it or put it back into the queue.
 //! - `<iq type='get|set'>` → sent with a fresh unguessable id (`tern-http-<uuid>`), so that concurrent
 //!   requests reusing an id cannot collide and no one can forge the reply; the reply (stamped with the
 //!   replier's real full JID by the c2s session) is returned as `application/xml` 200 with the
