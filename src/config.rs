@@ -553,10 +553,10 @@ impl Config {
             );
         }
         for u in &self.webhooks.urls {
-            if !(u.starts_with("http://") || u.starts_with("https://")) {
+            if let Err(e) = crate::http::webhook::check_url(u) {
                 return Err(ConfigError::Invalid {
                     key: "webhooks.urls",
-                    message: format!("`{u}` must start with http:// or https://"),
+                    message: format!("{e} (expected e.g. `https://itsm.example.com/tern/events`)"),
                 });
             }
         }
@@ -733,6 +733,33 @@ mod tests {
         let p = dir.path().join("t.toml");
         std::fs::write(&p, text).expect("write");
         Config::load_with_env(Some(&p), env(e))
+    }
+
+    #[test]
+    fn webhook_urls_and_secret_are_checked() {
+        for (toml, key) in [
+            ("[webhooks]\nurls = [\"ftp://x\"]\n", "webhooks.urls"),
+            ("[webhooks]\nurls = [\"http://\"]\n", "webhooks.urls"),
+            ("[webhooks]\nsecret = \"short\"\n", "webhooks.secret"),
+            ("[sm]\nrequest_every = 0\n", "sm.request_every"),
+            ("[sm]\nmax_unacked_bytes = 10\n", "sm.max_unacked_bytes"),
+            ("[http]\nrate_limit_burst = 0\n", "http.rate_limit_burst"),
+            (
+                "[c2s]\npresence_observers = [\"not a jid@\"]\n",
+                "c2s.presence_observers",
+            ),
+        ] {
+            match load_str(toml, &[]) {
+                Err(ConfigError::Invalid { key: k, message }) => assert_eq!(k, key, "{message}"),
+                other => panic!("{toml}: {other:?}"),
+            }
+        }
+        let c = load_str(
+            "[webhooks]\nurls = [\"https://itsm.example.com/hook\"]\nsecret = \"0123456789abcdef\"\n",
+            &[],
+        )
+        .expect("valid");
+        assert!(!c.to_redacted_toml().contains("0123456789abcdef"));
     }
 
     #[test]
