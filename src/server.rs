@@ -118,6 +118,8 @@ impl Server {
             queue: Some(queue.clone()),
         });
 
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
         // The HTTP API (push, sessions, /rest/stream, health, metrics); bound with the other listeners.
         let http = match config.http.listen {
             None => None,
@@ -151,6 +153,7 @@ impl Server {
                 )
                 .map_err(ServerError::Http)?;
                 state.queue = Some(queue.clone());
+                state.tasks = tracker.clone();
                 state.default_ttl = Duration::from_secs(config.queue.default_ttl_secs);
                 state.max_ttl = Duration::from_secs(config.queue.max_ttl_secs);
                 Some((bind("http.listen", addr)?, Arc::new(state)))
@@ -171,8 +174,6 @@ impl Server {
             }
         }
 
-        let cancel = CancellationToken::new();
-        let tracker = TaskTracker::new();
         if let Some(events) =
             crate::http::webhook::start(&config.webhooks, cancel.clone(), &tracker)
         {

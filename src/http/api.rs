@@ -539,7 +539,10 @@ pub async fn push(State(state): State<Arc<HttpState>>, headers: HeaderMap, body:
             .filter_map(|bare| status_update(msg.id(), bare.to_string(), Outcome::Delivered, now))
             .collect();
         let state = state.clone();
-        tokio::spawn(async move { record_status(&state, updates).await });
+        state
+            .tasks
+            .clone()
+            .spawn(async move { record_status(&state, updates).await });
     }
     for result in &results {
         count_push(result.status, result.error);
@@ -734,7 +737,7 @@ pub async fn broadcast(
     }
     metrics::counter!("tern_broadcasts_total", "to" => audience).increment(1);
     tracing::info!(id = %id, to = audience, recipients, "broadcast accepted");
-    tokio::spawn(fan_out(state.clone(), msg, targets));
+    state.tasks.spawn(fan_out(state.clone(), msg, targets));
     accepted(id, recipients, false)
 }
 

@@ -67,6 +67,9 @@ pub struct HttpState {
     pub rate_limit: Option<auth::RateLimiter>,
     /// Broadcast ids answered recently (idempotent retries).
     pub broadcasts: api::RecentBroadcasts,
+    /// Background work of requests (broadcast fan-out, status records): the server waits for it on
+    /// shutdown, so an accepted broadcast is not cut off half-way.
+    pub tasks: tokio_util::task::TaskTracker,
 }
 
 impl std::fmt::Debug for HttpState {
@@ -121,6 +124,7 @@ impl HttpState {
                 auth::RateLimiter::new(config.rate_limit_per_sec, config.rate_limit_burst)
             }),
             broadcasts: api::RecentBroadcasts::default(),
+            tasks: tokio_util::task::TaskTracker::new(),
         })
     }
 }
