@@ -41,6 +41,104 @@ pub struct Config {
     pub queue: PushQueueConfig,
     pub sm: StreamMgmtConfig,
     pub webhooks: WebhooksConfig,
+    pub turn: TurnConfig,
+}
+
+/// The embedded TURN server (RFC 8656) and what XEP-0215 announces.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TurnConfig {
+    /// UDP (and, with `tcp`, TCP) address of the STUN/TURN listener; unset disables TURN.
+    pub listen: Option<SocketAddr>,
+    /// Also accept TURN over TCP on `listen` (RFC 6062 framing), and over TLS on the direct-TLS XMPP
+    /// listeners for ALPN `stun.turn`.
+    pub tcp: bool,
+    /// UDP ports relayed traffic uses, `LOW-HIGH` (RFC 8656 §3.3 recommends 49152-65535).
+    pub relay_ports: String,
+    /// Local address relay sockets bind to; unset: the IP of `listen`.
+    pub relay_address: Option<std::net::IpAddr>,
+    /// Public address announced in XOR-RELAYED-ADDRESS and XEP-0215 when the box sits behind NAT.
+    pub external_address: Option<std::net::IpAddr>,
+    /// REALM of the long-term credentials; unset: `server.domain`.
+    pub realm: Option<String>,
+    /// Shared secrets of the TURN REST API credential scheme (username `EXPIRY:USER`, password
+    /// base64(HMAC-SHA1(secret, username))); the first mints new credentials, all are accepted
+    /// (rotation). Empty: one is generated on first start as `{data_dir}/turn-secret`.
+    pub secrets: Vec<String>,
+    /// Static long-term users, `name:password` (optional, e.g. for test tools).
+    pub users: Vec<String>,
+    /// Peer networks (CIDR) relaying is allowed to even when they are denied by default
+    /// (loopback, private, link-local, ...).
+    pub allow_peers: Vec<String>,
+    /// Peer networks (CIDR) relaying is refused to, in addition to the defaults.
+    pub deny_peers: Vec<String>,
+    /// Allocation lifetime granted when the client asks for none, in seconds (RFC 8656 §3.2: 600).
+    pub default_lifetime_secs: u64,
+    /// Longest allocation lifetime granted, in seconds.
+    pub max_lifetime_secs: u64,
+    /// Allocations at once, server-wide (508 beyond).
+    pub max_allocations: usize,
+    /// Allocations at once per user (486 beyond).
+    pub max_allocations_per_user: usize,
+    /// Relayed bytes per second per allocation, each direction (0 = unlimited); excess is dropped.
+    pub max_bandwidth_bytes_per_sec: u64,
+    /// Seconds a NONCE stays valid (438 Stale Nonce after).
+    pub nonce_lifetime_secs: u64,
+    /// Unauthenticated or failed requests answered per second per source address; beyond, dropped.
+    pub unauthenticated_per_sec: u32,
+    /// Lifetime of credentials handed out over XEP-0215, in seconds.
+    pub credential_ttl_secs: u64,
+    /// Extra STUN/TURN servers announced over XEP-0215 (e.g. a TURN box of your own), as
+    /// `type:host:port[:transport]`, e.g. `turn:turn.example.com:3478:udp`.
+    pub external_services: Vec<String>,
+}
+
+impl Default for TurnConfig {
+    fn default() -> Self {
+        Self {
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 3478))),
+            tcp: true,
+            relay_ports: "49152-65535".into(),
+            relay_address: None,
+            external_address: None,
+            realm: None,
+            secrets: Vec::new(),
+            users: Vec::new(),
+            allow_peers: Vec::new(),
+            deny_peers: Vec::new(),
+            default_lifetime_secs: 600,
+            max_lifetime_secs: 3600,
+            max_allocations: 10_000,
+            max_allocations_per_user: 10,
+            max_bandwidth_bytes_per_sec: 4 * 1024 * 1024,
+            nonce_lifetime_secs: 600,
+            unauthenticated_per_sec: 20,
+            credential_ttl_secs: 86_400,
+            external_services: Vec::new(),
+        }
+    }
+}
+
+impl TurnConfig {
+    /// `relay_ports` as an inclusive range.
+    pub fn relay_port_range(&self) -> Result<(u16, u16), String> {
+        let (lo, hi) = self
+            .relay_ports
+            .split_once('-')
+            .ok_or_else(|| format!("`{}` is not LOW-HIGH", self.relay_ports))?;
+        let lo: u16 = lo
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{lo}` is not a port"))?;
+        let hi: u16 = hi
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{hi}` is not a port"))?;
+        if lo == 0 || lo > hi {
+            return Err(format!("`{}`: need 1 <= LOW <= HIGH", self.relay_ports));
+        }
+        Ok((lo, hi))
+    }
 }
 
 /// XEP-0198 stream management.
@@ -458,6 +556,9 @@ impl Config {
             ),
             ("queue.purge_interval_secs", self.queue.purge_interval_secs),
             ("sm.resume_window_secs", self.sm.resume_window_secs),
+            ("turn.max_lifetime_secs", self.turn.max_lifetime_secs),
+            ("turn.nonce_lifetime_secs", self.turn.nonce_lifetime_secs),
+            ("turn.credential_ttl_secs", self.turn.credential_ttl_secs),
             ("sm.request_after_secs", self.sm.request_after_secs),
             ("webhooks.timeout_secs", self.webhooks.timeout_secs),
         ] {
@@ -580,6 +681,81 @@ impl Config {
         if self.webhooks.max_pending == 0 {
             return invalid("webhooks.max_pending", "must be at least 1");
         }
+        if let Err(m) = self.turn.relay_port_range() {
+            return Err(ConfigError::Invalid {
+                key: "turn.relay_ports",
+                message: format!("{m} (e.g. `49152-65535`)"),
+            });
+        }
+        if let Some(l) = self.turn.listen
+            && l.ip().is_unspecified()
+            && self.turn.relay_address.is_none()
+            && self.turn.external_address.is_none()
+        {
+            return invalid(
+                "turn.external_address",
+                "`turn.listen` is a wildcard address: set `turn.external_address` (the address clients \
+                 reach) or `turn.relay_address`",
+            );
+        }
+        for (key, list) in [
+            ("turn.allow_peers", &self.turn.allow_peers),
+            ("turn.deny_peers", &self.turn.deny_peers),
+        ] {
+            for n in list {
+                if let Err(m) = n.parse::<crate::http::Cidr>() {
+                    return Err(ConfigError::Invalid {
+                        key,
+                        message: format!("`{n}`: {m} (expected CIDR such as `10.0.0.0/8`)"),
+                    });
+                }
+            }
+        }
+        if self.turn.secrets.iter().any(|s| s.len() < 16) {
+            return invalid(
+                "turn.secrets",
+                "every secret must be at least 16 characters (e.g. `openssl rand -hex 32`)",
+            );
+        }
+        if self.turn.users.iter().any(|u| !u.contains(':')) {
+            return invalid("turn.users", "entries are `name:password`");
+        }
+        if self.turn.default_lifetime_secs == 0
+            || self.turn.max_lifetime_secs < self.turn.default_lifetime_secs
+        {
+            return invalid(
+                "turn.max_lifetime_secs",
+                "need 1 <= `turn.default_lifetime_secs` <= `turn.max_lifetime_secs`",
+            );
+        }
+        if self.turn.max_allocations == 0 || self.turn.max_allocations_per_user == 0 {
+            return invalid(
+                "turn.max_allocations",
+                "`turn.max_allocations` and `turn.max_allocations_per_user` must be at least 1",
+            );
+        }
+        if self.turn.nonce_lifetime_secs == 0 || self.turn.credential_ttl_secs == 0 {
+            return invalid(
+                "turn.nonce_lifetime_secs",
+                "`turn.nonce_lifetime_secs` and `turn.credential_ttl_secs` must be at least 1",
+            );
+        }
+        for e in &self.turn.external_services {
+            let parts: Vec<&str> = e.split(':').collect();
+            let ok = matches!(parts.len(), 3 | 4)
+                && matches!(parts[0], "stun" | "stuns" | "turn" | "turns")
+                && !parts[1].is_empty()
+                && parts[2].parse::<u16>().is_ok()
+                && parts.get(3).is_none_or(|t| matches!(*t, "udp" | "tcp"));
+            if !ok {
+                return Err(ConfigError::Invalid {
+                    key: "turn.external_services",
+                    message: format!(
+                        "`{e}` is not `type:host:port[:udp|tcp]` with type stun, stuns, turn or turns"
+                    ),
+                });
+            }
+        }
         if self.auth.device_scram_iterations == 0 || self.auth.scram_iterations == 0 {
             return invalid(
                 "auth.scram_iterations",
@@ -594,6 +770,14 @@ impl Config {
         let mut shown = self.clone();
         if shown.auth.device_secret.is_some() {
             shown.auth.device_secret = Some("<redacted>".into());
+        }
+        for s in &mut shown.turn.secrets {
+            *s = "<redacted>".into();
+        }
+        for u in &mut shown.turn.users {
+            if let Some((name, _)) = u.split_once(':') {
+                *u = format!("{name}:<redacted>");
+            }
         }
         if shown.webhooks.secret.is_some() {
             shown.webhooks.secret = Some("<redacted>".into());
@@ -712,7 +896,10 @@ fn optional_key(section: &str, key: &str) -> Option<toml::Value> {
         ("tls", "certs_dir" | "cert" | "key")
         | ("auth", "device_secret")
         | ("metrics", "listen")
-        | ("webhooks", "secret") => Some(toml::Value::String(String::new())),
+        | ("webhooks", "secret")
+        | ("turn", "listen" | "relay_address" | "external_address" | "realm") => {
+            Some(toml::Value::String(String::new()))
+        }
         _ => None,
     }
 }
