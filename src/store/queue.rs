@@ -13,6 +13,10 @@
 //!   ONE write transaction, commits (one fsync), then answers each command through its
 //!   [`tokio::sync::oneshot`]. Under load, thousands of concurrent enqueues share a handful of
 //!   fsyncs. The bounded channel gives back-pressure when the disk cannot keep up.
+//! * **Status-only commits may skip the fsync.** A batch of nothing but status records
+//!   (`delivered`, `acked`, ...) commits with [`redb::Durability::None`] unless the last durable
+//!   commit is a second old: those records describe pushes no longer in the queue, so a crash loses
+//!   at most a second of them and never a push, and the single-recipient push path stays fast.
 //! * **Reads never wait for the writer.** [`PushQueue::peek`], [`PushQueue::status`] and
 //!   [`PushQueue::depth`] open a redb read transaction (an MVCC snapshot) directly on the caller's
 //!   thread; they are short B-tree lookups, cheap enough to call from async code.
@@ -717,7 +721,12 @@ struct Shared {
     depth: AtomicI64,
 }
 
+/// How long status-only commits may go without an fsync.
+const LAZY_STATUS_WINDOW: Duration = Duration::from_secs(1);
+
 struct Writer {
+    /// When the last durable commit happened.
+    last_durable: std::cell::Cell<std::time::Instant>,
     db: Arc<Database>,
     cfg: QueueConfig,
     retention_ms: u64,
@@ -806,7 +815,19 @@ impl Writer {
     }
 
     fn commit(&self, batch: &[Command]) -> Result<Vec<Output>, Fail> {
-        let txn = self.db.begin_write()?;
+        let mut txn = self.db.begin_write()?;
+        // Status records alone (`delivered`, `acked`, ...) describe pushes that are not in the queue:
+        // losing the last second of them in a crash loses no push, and skipping their fsync is what
+        // lets single-recipient pushes run at full speed. At least once a second a commit is durable,
+        // which also persists the non-durable ones before it (and lets redb reuse their pages).
+        let statuses_only = batch.iter().all(|c| matches!(c, Command::SetStatus { .. }));
+        let now = std::time::Instant::now();
+        let lazy =
+            statuses_only && now.duration_since(self.last_durable.get()) < LAZY_STATUS_WINDOW;
+        if lazy {
+            txn.set_durability(redb::Durability::None)
+                .map_err(|e| Fail::Invalid(format!("cannot relax durability: {e}")))?;
+        }
         let mut effects = Effects::default();
         let outputs = {
             let mut t = Tables::open(&txn)?;
@@ -818,6 +839,9 @@ impl Writer {
         };
         // Dropping an uncommitted transaction on the error paths above aborts it.
         txn.commit()?;
+        if !lazy {
+            self.last_durable.set(now);
+        }
         self.shared.commits.fetch_add(1, Ordering::Relaxed);
         let depth = self
             .shared
@@ -1195,6 +1219,7 @@ impl PushQueue {
         let (tx, rx) = mpsc::channel(cfg.max_batch.clamp(64, 1 << 16) * 4);
         let retention_ms = u64::try_from(cfg.status_retention.as_millis()).unwrap_or(u64::MAX);
         let writer = Writer {
+            last_durable: std::cell::Cell::new(std::time::Instant::now()),
             db: db.clone(),
             cfg,
             retention_ms,

@@ -31,7 +31,7 @@ pub const USERS_PER_WORKER: u64 = 18_000;
 #[serde(rename_all = "lowercase")]
 enum WorkerMsg {
     Progress(Snapshot),
-    Result(FleetResult),
+    Result(Box<FleetResult>),
 }
 
 pub fn main(args: ConnectArgs) -> anyhow::Result<()> {
@@ -61,7 +61,7 @@ pub fn main(args: ConnectArgs) -> anyhow::Result<()> {
     rt.block_on(orchestrate(args, workers))
 }
 
-fn threads(args: &ConnectArgs) -> usize {
+pub(crate) fn threads(args: &ConnectArgs) -> usize {
     args.threads
         .unwrap_or_else(|| {
             std::thread::available_parallelism()
@@ -71,7 +71,7 @@ fn threads(args: &ConnectArgs) -> usize {
         .max(1)
 }
 
-fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
     let rt = if threads <= 1 {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -85,7 +85,7 @@ fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(rt)
 }
 
-fn client_ctx(args: &ConnectArgs) -> anyhow::Result<Arc<ClientCtx>> {
+pub(crate) fn client_ctx(args: &ConnectArgs) -> anyhow::Result<Arc<ClientCtx>> {
     let password = match (&args.password_pattern, &args.device_secret) {
         (Some(p), None) => Password::Pattern(p.clone()),
         (None, Some(s)) => Password::Device(s.clone()),
@@ -136,7 +136,7 @@ fn emit(msg: &WorkerMsg) {
     }
 }
 
-fn run_worker(args: ConnectArgs, index: u64, count: u64) -> anyhow::Result<()> {
+pub(crate) fn run_worker(args: ConnectArgs, index: u64, count: u64) -> anyhow::Result<()> {
     let rt = runtime(threads(&args))?;
     rt.block_on(async move {
         let ctx = client_ctx(&args)?;
@@ -171,7 +171,7 @@ fn run_worker(args: ConnectArgs, index: u64, count: u64) -> anyhow::Result<()> {
             tokio::select! {
                 r = &mut fleet => {
                     let result = r.context("fleet task")?;
-                    emit(&WorkerMsg::Result(result));
+                    emit(&WorkerMsg::Result(Box::new(result)));
                     return Ok(());
                 }
                 _ = tick.tick() => {
@@ -189,7 +189,7 @@ fn run_worker(args: ConnectArgs, index: u64, count: u64) -> anyhow::Result<()> {
 // Parent: one in-process fleet or several worker processes
 // ---------------------------------------------------------------------------------------------
 
-enum Fleet {
+pub(crate) enum Fleet {
     Local {
         counters: Arc<Counters>,
         stop: watch::Sender<bool>,
@@ -204,7 +204,11 @@ enum Fleet {
 }
 
 impl Fleet {
-    fn start(args: &ConnectArgs, workers: u64, deadline: Instant) -> anyhow::Result<Fleet> {
+    pub(crate) fn start(
+        args: &ConnectArgs,
+        workers: u64,
+        deadline: Instant,
+    ) -> anyhow::Result<Fleet> {
         if workers <= 1 {
             let ctx = client_ctx(args)?;
             let share = Share {
@@ -258,7 +262,7 @@ impl Fleet {
                                 l[index as usize] = s;
                             }
                         }
-                        Ok(WorkerMsg::Result(r)) => result = Some(r),
+                        Ok(WorkerMsg::Result(r)) => result = Some(*r),
                         Err(e) => eprintln!("worker {index}: bad message ({e}): {line}"),
                     }
                 }
@@ -274,7 +278,7 @@ impl Fleet {
         })
     }
 
-    fn snapshot(&self) -> Snapshot {
+    pub(crate) fn snapshot(&self) -> Snapshot {
         match self {
             Fleet::Local { counters, .. } => counters.snapshot(),
             Fleet::Workers { latest, .. } => {
@@ -288,7 +292,7 @@ impl Fleet {
         }
     }
 
-    async fn stop(self) -> anyhow::Result<FleetResult> {
+    pub(crate) async fn stop(self) -> anyhow::Result<FleetResult> {
         match self {
             Fleet::Local { stop, task, .. } => {
                 let _ = stop.send(true);

@@ -68,7 +68,19 @@ pub struct Counters {
     pub first_start_us: AtomicU64,
     pub last_ok_us: AtomicU64,
     pub ramp_done: AtomicBool,
+    /// Pushes received (messages whose `<body>` carries a `push` stamp).
+    pub rx: AtomicU64,
+    /// Other messages received (no parsable stamp).
+    pub rx_other: AtomicU64,
+    /// `mono_ns()` of the first and the latest push received, 0 if none yet.
+    pub rx_first_ns: AtomicU64,
+    pub rx_last_ns: AtomicU64,
     pub hist: Mutex<Histogram>,
+    /// Push-to-receive latency (µs): receive time − the send stamp in the body.
+    pub push_hist: Mutex<Histogram>,
+    /// The same from the scheduled send time (fixed rate: includes the sender's own lateness, so a
+    /// stalled server cannot hide behind requests that were never sent — coordinated omission).
+    pub push_sched_hist: Mutex<Histogram>,
     pub failures: Mutex<BTreeMap<String, u64>>,
     pub drops: Mutex<BTreeMap<String, u64>>,
     pub tls_params: Mutex<Option<String>>,
@@ -91,6 +103,17 @@ pub struct Snapshot {
     pub first_start_us: u64,
     /// Unix time (µs) of the latest successful bind, 0 if none yet.
     pub last_ok_us: u64,
+    /// Pushes received (scenario `push`).
+    #[serde(default)]
+    pub rx: u64,
+    /// Messages received without a push stamp.
+    #[serde(default)]
+    pub rx_other: u64,
+    /// `mono_ns()` of the first / latest push received (system-wide CLOCK_MONOTONIC), 0 if none.
+    #[serde(default)]
+    pub rx_first_ns: u64,
+    #[serde(default)]
+    pub rx_last_ns: u64,
 }
 
 impl Snapshot {
@@ -122,6 +145,12 @@ impl Snapshot {
                 out.first_start_us = s.first_start_us;
             }
             out.last_ok_us = out.last_ok_us.max(s.last_ok_us);
+            out.rx += s.rx;
+            out.rx_other += s.rx_other;
+            if s.rx_first_ns != 0 && (out.rx_first_ns == 0 || s.rx_first_ns < out.rx_first_ns) {
+                out.rx_first_ns = s.rx_first_ns;
+            }
+            out.rx_last_ns = out.rx_last_ns.max(s.rx_last_ns);
         }
         out.ramp_done &= any;
         out
@@ -133,6 +162,12 @@ impl Snapshot {
 pub struct FleetResult {
     pub snapshot: Snapshot,
     pub latency_us: Histogram,
+    /// Push-to-receive latency (scenario `push`).
+    #[serde(default)]
+    pub push_latency_us: Histogram,
+    /// Push-to-receive latency from the scheduled send time.
+    #[serde(default)]
+    pub push_sched_latency_us: Histogram,
     pub failures: BTreeMap<String, u64>,
     pub drops: BTreeMap<String, u64>,
     pub tls_params: Option<String>,
@@ -142,6 +177,9 @@ impl FleetResult {
     pub fn merge(&mut self, other: &FleetResult) {
         self.snapshot = Snapshot::sum([&self.snapshot, &other.snapshot]);
         self.latency_us.merge(&other.latency_us);
+        self.push_latency_us.merge(&other.push_latency_us);
+        self.push_sched_latency_us
+            .merge(&other.push_sched_latency_us);
         for (k, v) in &other.failures {
             *self.failures.entry(k.clone()).or_default() += v;
         }
@@ -179,6 +217,10 @@ impl Counters {
             cpu_ms: stats::cpu_ms("self").unwrap_or(0),
             first_start_us: self.first_start_us.load(Ordering::Relaxed),
             last_ok_us: self.last_ok_us.load(Ordering::Relaxed),
+            rx: self.rx.load(Ordering::Relaxed),
+            rx_other: self.rx_other.load(Ordering::Relaxed),
+            rx_first_ns: self.rx_first_ns.load(Ordering::Relaxed),
+            rx_last_ns: self.rx_last_ns.load(Ordering::Relaxed),
         }
     }
 
@@ -186,6 +228,12 @@ impl Counters {
         FleetResult {
             snapshot: self.snapshot(),
             latency_us: self.hist.lock().map(|h| h.clone()).unwrap_or_default(),
+            push_latency_us: self.push_hist.lock().map(|h| h.clone()).unwrap_or_default(),
+            push_sched_latency_us: self
+                .push_sched_hist
+                .lock()
+                .map(|h| h.clone())
+                .unwrap_or_default(),
             failures: self.failures.lock().map(|m| m.clone()).unwrap_or_default(),
             drops: self.drops.lock().map(|m| m.clone()).unwrap_or_default(),
             tls_params: self
@@ -195,6 +243,46 @@ impl Counters {
                 .unwrap_or_default(),
         }
     }
+}
+
+impl Counters {
+    /// A `<message/>` arrived: if its body carries a push stamp, count it and record its latency.
+    pub fn record_message(&self, raw: &[u8]) {
+        let now = mono_ns();
+        match crate::push::parse_stamp(raw) {
+            Some(stamp) => {
+                self.rx.fetch_add(1, Ordering::Relaxed);
+                let _ =
+                    self.rx_first_ns
+                        .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+                self.rx_last_ns.fetch_max(now, Ordering::Relaxed);
+                if let Ok(mut h) = self.push_hist.lock() {
+                    h.record(now.saturating_sub(stamp.sent_ns) / 1000);
+                }
+                if let Ok(mut h) = self.push_sched_hist.lock() {
+                    h.record(now.saturating_sub(stamp.due_ns) / 1000);
+                }
+            }
+            None => {
+                self.rx_other.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds. The clock is system-wide, so stamps taken in one process (the
+/// push sender) can be compared with readings in another (a worker holding the receiving clients).
+pub fn mono_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid out-parameter; CLOCK_MONOTONIC is always supported on Linux.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Run the fleet: ramp up, hold until `stop` turns true, close all sessions, return.
@@ -332,6 +420,10 @@ async fn hold(
                     if st.name() == "stream:error" {
                         let cond = st.first_child().map(|(n, _)| n).unwrap_or_default();
                         return Some(format!("stream-error:{cond}"));
+                    }
+                    if st.name() == "message" {
+                        counters.record_message(st.raw());
+                        continue;
                     }
                     if let Some(reply) = client::ping_reply(&st) {
                         drop(st);

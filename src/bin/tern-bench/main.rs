@@ -1,6 +1,7 @@
 //! `tern-bench`: Tern's own lightweight XMPP load client.
 //!
-//! One subcommand per scenario (`connect` for now). The client speaks just enough XMPP (TLS,
+//! One subcommand per scenario: `connect` (logins, idle memory) and `push` (HTTP API pushes to
+//! connected clients: throughput and push-to-receive latency). The client speaks just enough XMPP (TLS,
 //! SASL PLAIN, bind, presence, ping replies) and parses with Tern's own stream framer, so that
 //! tens of thousands of sessions fit in one small process. See BENCHMARKS.md for how it is used.
 
@@ -8,6 +9,7 @@ mod client;
 mod connect;
 mod engine;
 mod net;
+mod push;
 mod stats;
 
 use std::net::SocketAddr;
@@ -33,13 +35,16 @@ enum Scenario {
     /// Log N users in (TLS, SASL PLAIN, bind, presence), hold the idle sessions, report login rate,
     /// login latency, failures and the server's RSS per session / CPU per login.
     Connect(ConnectArgs),
+    /// Log N users in, then push to them through an HTTP API (Tern or ejabberd) at a fixed or
+    /// unbounded rate; report pushes/s, push-to-receive latency, losses and server CPU/RSS.
+    Push(push::PushArgs),
 }
 
 /// `--workers`: a number or `auto`.
 #[derive(Debug, Clone, Copy)]
 pub struct WorkerCount(pub Option<u64>);
 
-fn parse_workers(s: &str) -> Result<WorkerCount, String> {
+pub(crate) fn parse_workers(s: &str) -> Result<WorkerCount, String> {
     if s == "auto" {
         return Ok(WorkerCount(None));
     }
@@ -132,6 +137,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.scenario {
         Scenario::Connect(args) => connect::main(args),
+        Scenario::Push(args) => push::main(args),
     }
 }
 
@@ -156,7 +162,9 @@ mod tests {
             "2",
         ])
         .unwrap();
-        let Scenario::Connect(a) = cli.scenario;
+        let Scenario::Connect(a) = cli.scenario else {
+            panic!("expected connect");
+        };
         assert_eq!(a.source_ips.0.len(), 5);
         assert_eq!(a.workers.0, Some(2));
         assert!(
@@ -170,5 +178,28 @@ mod tests {
             ])
             .is_err()
         );
+    }
+
+    #[test]
+    fn push_cli() {
+        let cli = Cli::try_parse_from([
+            "tern-bench",
+            "push",
+            "--users",
+            "10",
+            "--password-pattern",
+            "p{i}",
+            "--target",
+            "ejabberd",
+            "--rate",
+            "10000",
+            "--http-conns",
+            "32",
+        ])
+        .unwrap();
+        let Scenario::Push(a) = cli.scenario else {
+            panic!("expected push");
+        };
+        assert_eq!((a.rate, a.http_conns, a.users), (10_000.0, 32, 10));
     }
 }
