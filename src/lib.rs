@@ -8,6 +8,7 @@
 //! - [`store`]: the embedded account store.
 //! - [`auth`]: credential sources (account store, device secret) and failed-login throttling.
 //! - [`server`]: wires listeners, router and shutdown together.
+//! - [`turn`]: the embedded STUN/TURN server.
 
 pub mod auth;
 pub mod config;
@@ -16,4 +17,5 @@ pub mod limits;
 pub mod server;
 pub mod store;
 pub mod tls;
+pub mod turn;
 pub mod xmpp;

@@ -18,8 +18,10 @@ use crate::limits::IpLimiter;
 use crate::store::accounts::AccountStore;
 use crate::store::queue::{NewItem, PushQueue, PushState, StatusUpdate};
 use crate::tls::Tls;
+use crate::turn::server::TurnService;
 use crate::xmpp::c2s::C2sContext;
 use crate::xmpp::conn::{self, ConnSettings, ListenerKind};
+use crate::xmpp::extdisco::ExtDisco;
 use crate::xmpp::router::{PushFate, PushFates, PushMeta, Router};
 use crate::xmpp::sm::{DetachedSession, ResumptionRegistry, SmConfig};
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -43,6 +45,8 @@ pub enum ServerError {
     Http(String),
     #[error("durable offline queue (`[queue]`, {{data_dir}}/queue.redb): {0}")]
     Queue(#[from] crate::store::queue::QueueError),
+    #[error("TURN server: {0}")]
+    Turn(#[from] crate::turn::server::TurnError),
 }
 
 /// How long connections get to say goodbye on shutdown.
@@ -51,6 +55,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// A running server. Dropping it does not stop it; call [`Server::shutdown`] or cancel the token.
 pub struct Server {
     pub router: Arc<Router>,
+    pub turn: Option<Arc<TurnService>>,
     pub tls: Arc<Tls>,
     pub cancel: CancellationToken,
     pub local_addrs: Vec<(ListenerKind, SocketAddr)>,
@@ -89,6 +94,37 @@ impl Server {
             max_detached: config.sm.max_detached,
         };
         let resumption = Arc::new(ResumptionRegistry::new(sm));
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let turn = TurnService::start(
+            &config.turn,
+            &config.server.domain,
+            &config.server.data_dir,
+            cancel.clone(),
+            &tracker,
+        )?;
+        let extdisco = turn.as_ref().map(|t| {
+            let host = config
+                .turn
+                .external_address
+                .or(config.turn.relay_address.filter(|ip| !ip.is_unspecified()))
+                .unwrap_or(t.udp_addr.ip())
+                .to_string();
+            let tls_port = config
+                .c2s
+                .tls_listen
+                .first()
+                .map(|a| (config.server.domain.clone(), a.port()));
+            Arc::new(ExtDisco::new(
+                host,
+                t.udp_addr.port(),
+                t.accepts_streams(),
+                tls_port,
+                &config.turn.external_services,
+                t.credentials.clone(),
+                Duration::from_secs(config.turn.credential_ttl_secs),
+            ))
+        });
         let (fates, fates_rx) = tokio::sync::mpsc::unbounded_channel();
         let ctx = Arc::new(C2sContext {
             domain: config.server.domain.clone(),
@@ -103,6 +139,7 @@ impl Server {
             sm,
             resumption: resumption.clone(),
             fates: Some(fates.clone()),
+            extdisco,
         });
         let limits = &config.limits;
         let settings = Arc::new(ConnSettings {
@@ -116,10 +153,9 @@ impl Server {
             inbound_rate: (limits.inbound_bytes_per_sec > 0)
                 .then_some((limits.inbound_bytes_per_sec, limits.inbound_burst_bytes)),
             queue: Some(queue.clone()),
+            turn: turn.clone(),
         });
 
-        let cancel = CancellationToken::new();
-        let tracker = TaskTracker::new();
         // The HTTP API (push, sessions, /rest/stream, health, metrics); bound with the other listeners.
         let http = match config.http.listen {
             None => None,
@@ -230,6 +266,7 @@ impl Server {
         tls.spawn_reloader(&config.tls, cancel.clone());
         Ok(Server {
             router,
+            turn,
             tls,
             cancel,
             local_addrs,

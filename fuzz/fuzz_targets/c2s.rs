@@ -44,6 +44,7 @@ fn ctx() -> Arc<C2sContext> {
             sm: SmConfig::default(),
             resumption: Arc::new(ResumptionRegistry::new(SmConfig::default())),
             fates: None,
+            extdisco: None,
         })
     })
     .clone()

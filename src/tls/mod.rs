@@ -34,6 +34,8 @@ use resolver::{CertStore, SniResolver};
 
 /// ALPN protocol id for XMPP client-to-server direct TLS (XEP-0368 §3).
 pub const ALPN_XMPP_CLIENT: &[u8] = b"xmpp-client";
+/// ALPN protocol id for TURN over TLS (RFC 7443): lets TURN share the direct-TLS port (443) with XMPP.
+pub const ALPN_STUN_TURN: &[u8] = b"stun.turn";
 
 /// Server-side TLS 1.2 session-ID cache entries (TLS 1.3 and ticket-capable clients use tickets).
 const SESSION_CACHE_ENTRIES: usize = 32 * 1024;
@@ -265,12 +267,13 @@ impl Tls {
         let cache: Arc<dyn StoresServerSessions> =
             rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE_ENTRIES);
         // XEP-0368 §3: direct TLS offers ALPN "xmpp-client"; clients sending no ALPN are still accepted
-        // (rustls only rejects clients whose ALPN list has no overlap).
+        // (rustls only rejects clients whose ALPN list has no overlap). "stun.turn" (RFC 7443) routes
+        // the connection to the TURN server instead.
         let direct = build_config(
             &resolver,
             &ticketer,
             &cache,
-            vec![ALPN_XMPP_CLIENT.to_vec()],
+            vec![ALPN_XMPP_CLIENT.to_vec(), ALPN_STUN_TURN.to_vec()],
         )?;
         // RFC 6120 §5: STARTTLS upgrades an XMPP stream in place; ALPN has no role there.
         let starttls = build_config(&resolver, &ticketer, &cache, Vec::new())?;

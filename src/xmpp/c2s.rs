@@ -72,6 +72,8 @@ pub struct C2sContext {
     /// Where acknowledged and requeued pushes are reported (the durable queue's owner); `None`
     /// without a queue.
     pub fates: Option<PushFates>,
+    /// XEP-0215 services and credentials (the embedded TURN server); `None` without TURN.
+    pub extdisco: Option<Arc<super::extdisco::ExtDisco>>,
 }
 
 /// What the connection task must do next, in order.
@@ -775,7 +777,13 @@ impl C2s {
         }
         if kind == Kind::Iq && (to_server || to_local_bare) {
             // RFC 6121 §8.5.2.1.3 / RFC 6120 §10.3: the server answers on the account's behalf.
-            let reply = server_iq::handle(&stanza, &me, &self.ctx.domain, to.as_ref());
+            let reply = server_iq::handle(
+                &stanza,
+                &me,
+                &self.ctx.domain,
+                to.as_ref(),
+                self.ctx.extdisco.as_deref(),
+            );
             if let Some(reply) = reply {
                 self.write_stanza(Bytes::from(reply));
             }
@@ -1258,6 +1266,7 @@ mod tests {
             sm: SmConfig::default(),
             resumption: Arc::new(ResumptionRegistry::new(SmConfig::default())),
             fates: Some(fates),
+            extdisco: None,
         });
         World {
             ctx,

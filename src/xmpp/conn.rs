@@ -54,6 +54,8 @@ pub struct ConnSettings {
     pub inbound_rate: Option<(usize, usize)>,
     /// The durable offline queue, replayed when a session becomes available; `None` = no queue.
     pub queue: Option<PushQueue>,
+    /// The TURN server, for direct-TLS connections that ask for ALPN `stun.turn`.
+    pub turn: Option<Arc<crate::turn::server::TurnService>>,
 }
 
 impl ConnSettings {
@@ -130,6 +132,18 @@ pub async fn serve(
         }
         let direct = kind == ListenerKind::DirectTls;
         if let Some(mut tls) = handshake(&settings, tcp, direct, &conn.shutdown).await {
+            if direct && tls.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN_STUN_TURN) {
+                // RFC 7443: TURN over TLS on the XMPP port (only TCP 443 may be open).
+                if let Some(turn) = settings.turn.as_ref().filter(|t| t.accepts_streams()) {
+                    let client = crate::turn::engine::ClientId {
+                        transport: crate::turn::engine::Transport::Tls,
+                        remote: peer,
+                        local: tls.get_ref().0.local_addr()?,
+                    };
+                    turn.serve_stream(tls, client, conn.shutdown.clone()).await;
+                }
+                return Ok(());
+            }
             conn.run(&mut tls).await?;
         }
         Ok::<(), std::io::Error>(())

@@ -15,6 +15,7 @@ use xmpp_parsers::roster::Roster;
 use xmpp_parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError};
 
 use super::c2s::parse_element;
+use super::extdisco::{ExtDisco, NS_EXTDISCO};
 use super::framer::Stanza;
 
 /// Features advertised in disco#info for the server (XEP-0030 §3.1).
@@ -28,7 +29,13 @@ pub const SERVER_FEATURES: &[&str] = &[
 
 /// Answer an iq for the server or the account itself; `None` for results/errors (e.g. a pong), which
 /// need no answer. `to` is the parsed `to` attribute (None = the server on the account's behalf).
-pub fn handle(stanza: &Stanza, me: &FullJid, domain: &str, to: Option<&Jid>) -> Option<String> {
+pub fn handle(
+    stanza: &Stanza,
+    me: &FullJid,
+    domain: &str,
+    to: Option<&Jid>,
+    extdisco: Option<&ExtDisco>,
+) -> Option<String> {
     let el = match parse_element(stanza) {
         Ok(el) => el,
         Err(_) => return error_reply(stanza, me, DefinedCondition::BadRequest),
@@ -52,7 +59,9 @@ pub fn handle(stanza: &Stanza, me: &FullJid, domain: &str, to: Option<&Jid>) -> 
             (true, "urn:xmpp:ping", "ping") if Ping::try_from(payload.clone()).is_ok() => Ok(None),
             (true, "http://jabber.org/protocol/disco#info", "query") => {
                 match DiscoInfoQuery::try_from(payload) {
-                    Ok(q) if q.node.is_none() => Ok(Some(disco_info(to_server).into())),
+                    Ok(q) if q.node.is_none() => {
+                        Ok(Some(disco_info(to_server, extdisco.is_some()).into()))
+                    }
                     Ok(_) => Err(DefinedCondition::ItemNotFound),
                     Err(_) => Err(DefinedCondition::BadRequest),
                 }
@@ -71,6 +80,21 @@ pub fn handle(stanza: &Stanza, me: &FullJid, domain: &str, to: Option<&Jid>) -> 
                     Err(_) => Err(DefinedCondition::BadRequest),
                 }
             }
+            // XEP-0215 §3.1 / §3.3: STUN/TURN services and credentials, from the server only.
+            (true, NS_EXTDISCO, "services") if to_server => match extdisco {
+                Some(x) => Ok(Some(x.services_result(
+                    &me.to_bare(),
+                    payload.attr("type"),
+                    std::time::SystemTime::now(),
+                ))),
+                None => Err(DefinedCondition::ServiceUnavailable),
+            },
+            (true, NS_EXTDISCO, "credentials") if to_server => match extdisco {
+                Some(x) => x
+                    .credentials_result(&me.to_bare(), &payload, std::time::SystemTime::now())
+                    .map(Some),
+                None => Err(DefinedCondition::ServiceUnavailable),
+            },
             // RFC 6121 §2.1.3: roster get. Tern keeps no rosters yet, so the roster is empty.
             (true, "jabber:iq:roster", "query") if own => Ok(Some(
                 Roster {
@@ -111,11 +135,16 @@ pub fn handle(stanza: &Stanza, me: &FullJid, domain: &str, to: Option<&Jid>) -> 
     Some(String::from(&Element::from(reply)))
 }
 
-fn disco_info(server: bool) -> DiscoInfoResult {
+fn disco_info(server: bool, extdisco: bool) -> DiscoInfoResult {
     let (identity, features): (Identity, BTreeSet<String>) = if server {
         (
             Identity::new_anonymous::<_, _, String, String>("server", "im"),
-            SERVER_FEATURES.iter().map(|s| s.to_string()).collect(),
+            SERVER_FEATURES
+                .iter()
+                .copied()
+                .chain(extdisco.then_some(NS_EXTDISCO))
+                .map(str::to_string)
+                .collect(),
         )
     } else {
         // XEP-0030 §3.1: the account itself.
