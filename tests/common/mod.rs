@@ -90,6 +90,9 @@ device_secret = "{DEVICE_SECRET}"
 listen = "{http}"
 api_keys = ["{API_KEY}"]
 
+[turn]
+listen = "127.0.0.1:{turn_port}"
+
 [limits]
 max_stanza_bytes = 262144
 max_depth = 32
@@ -100,7 +103,9 @@ max_connections_per_ip = 5000
 inbound_bytes_per_sec = 65536
 inbound_burst_bytes = 524288
 "#,
-        data_dir = data_dir.display()
+        data_dir = data_dir.display(),
+        // Every test server runs TURN too, on a port of its own (3478 would collide).
+        turn_port = free_port()
     );
     text.parse().expect("base config is valid TOML")
 }
