@@ -925,7 +925,14 @@ impl C2s {
                 let released =
                     sm::parse_ack(stanza.attr("h").as_deref()).and_then(|h| sm.on_ack(h, self.now));
                 match released {
-                    Ok(released) => self.report_acked(released),
+                    Ok(released) => {
+                        // What was sent while the request was out may be due for a request now.
+                        if sm.should_request(self.now) {
+                            let r = sm.request_bytes(self.now);
+                            self.write_bytes(r);
+                        }
+                        self.report_acked(released);
+                    }
                     Err(e) => self.sm_stream_error(&e),
                 }
             }

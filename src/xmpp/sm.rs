@@ -579,9 +579,13 @@ impl<T> StreamMgmt<T> {
             if self.unacked.capacity() > 16 {
                 self.unacked = VecDeque::new();
             }
-        } else if self.first_unrequested.is_none() {
-            // Stanzas the answered request covered but the client had not handled yet: ask again later.
-            self.first_unrequested = Some(now);
+        } else {
+            // Stanzas sent after the answered request (or not yet handled by the client) are
+            // unrequested again: the count rule applies to them, and the time rule from now.
+            self.since_request = u32::try_from(self.unacked.len()).unwrap_or(u32::MAX);
+            if self.first_unrequested.is_none() {
+                self.first_unrequested = Some(now);
+            }
         }
         Ok(released)
     }
@@ -978,6 +982,35 @@ mod tests {
 
     fn tags(items: &[(Bytes, Option<u32>)]) -> Vec<u32> {
         items.iter().filter_map(|(_, t)| *t).collect()
+    }
+
+    #[test]
+    fn stanzas_sent_while_a_request_was_out_are_requested_after_the_ack() {
+        let now = Instant::now();
+        let mut sm = StreamMgmt::new(SmConfig {
+            request_every: 1,
+            ..cfg()
+        });
+        sm.enable(
+            EnableRequest {
+                resume: false,
+                max: None,
+            },
+            1,
+            now,
+        )
+        .expect("enable");
+        send(&mut sm, 0..1, now);
+        assert!(sm.should_request(now));
+        sm.request_bytes(now);
+        // Sent before the client's answer arrived: the outstanding request does not cover it.
+        send(&mut sm, 1..2, now);
+        assert!(!sm.should_request(now), "one request at a time");
+        assert_eq!(tags(&sm.on_ack(1, now).expect("ack")), [0]);
+        assert!(
+            sm.should_request(now),
+            "not 30 s later: the count rule applies again"
+        );
     }
 
     /// A detached session as the registry would get it, with `n` unacked stanzas tagged 0..n.
