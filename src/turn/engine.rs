@@ -835,6 +835,26 @@ impl Engine {
         *a.username == *auth.username && a.key.ct_eq(&auth.key)
     }
 
+    /// The allocation of `client` for a request authenticated as `auth`: 437 without one, 441
+    /// when the credentials are not the allocation's own (RFC 8656 §5).
+    fn own_allocation<'s>(
+        &'s self,
+        client: ClientId,
+        msg: &Message<'_>,
+        auth: &Auth<'_>,
+        out: &mut Vec<u8>,
+    ) -> Result<dashmap::mapref::one::RefMut<'s, ClientId, Allocation>, ClientAction> {
+        let Some(a) = self.allocations.get_mut(&client) else {
+            return Err(self.answer(msg, auth, Some(code::ALLOCATION_MISMATCH), out, |_| {}));
+        };
+        if !Self::same_credentials(&a, auth) {
+            drop(a);
+            metrics::counter!("tern_turn_auth_failures_total").increment(1);
+            return Err(self.answer(msg, auth, Some(code::WRONG_CREDENTIALS), out, |_| {}));
+        }
+        Ok(a)
+    }
+
     /// Allocate (RFC 8656 §7.2).
     fn allocate(
         &self,
@@ -1051,14 +1071,10 @@ impl Engine {
         let Ok(requested) = msg.u32_value(attr::LIFETIME) else {
             return fail(code::BAD_REQUEST, out);
         };
-        let Some(mut a) = self.allocations.get_mut(&client) else {
-            return fail(code::ALLOCATION_MISMATCH, out);
+        let mut a = match self.own_allocation(client, msg, &auth, out) {
+            Ok(a) => a,
+            Err(action) => return action,
         };
-        if !Self::same_credentials(&a, &auth) {
-            drop(a);
-            metrics::counter!("tern_turn_auth_failures_total").increment(1);
-            return fail(code::WRONG_CREDENTIALS, out);
-        }
         if let Some(f) = msg.get(attr::REQUESTED_ADDRESS_FAMILY) {
             let fam = f.value.first().copied();
             let ours = match a.family {
@@ -1113,14 +1129,10 @@ impl Engine {
             Err(action) => return action,
         };
         let fail = |err: u16, out: &mut Vec<u8>| self.answer(msg, &auth, Some(err), out, |_| {});
-        let Some(mut a) = self.allocations.get_mut(&client) else {
-            return fail(code::ALLOCATION_MISMATCH, out);
+        let mut a = match self.own_allocation(client, msg, &auth, out) {
+            Ok(a) => a,
+            Err(action) => return action,
         };
-        if !Self::same_credentials(&a, &auth) {
-            drop(a);
-            metrics::counter!("tern_turn_auth_failures_total").increment(1);
-            return fail(code::WRONG_CREDENTIALS, out);
-        }
         let tid = msg.transaction_id();
         let mut any = false;
         for raw in msg.get_all(attr::XOR_PEER_ADDRESS) {
@@ -1165,14 +1177,10 @@ impl Engine {
             Err(action) => return action,
         };
         let fail = |err: u16, out: &mut Vec<u8>| self.answer(msg, &auth, Some(err), out, |_| {});
-        let Some(mut a) = self.allocations.get_mut(&client) else {
-            return fail(code::ALLOCATION_MISMATCH, out);
+        let mut a = match self.own_allocation(client, msg, &auth, out) {
+            Ok(a) => a,
+            Err(action) => return action,
         };
-        if !Self::same_credentials(&a, &auth) {
-            drop(a);
-            metrics::counter!("tern_turn_auth_failures_total").increment(1);
-            return fail(code::WRONG_CREDENTIALS, out);
-        }
         let ch = match msg.get(attr::CHANNEL_NUMBER).map(|c| c.value) {
             Some(&[h, l, _, _]) if stun::is_valid_channel(u16::from_be_bytes([h, l])) => {
                 u16::from_be_bytes([h, l])
