@@ -1091,6 +1091,13 @@ fn coturn_uclient_tcp_send_indications_rest_secret() {
     uclient_run(&["-t", "-c", "-s", "-W", SECRET, "-u", "uclient"], 4, 100);
 }
 
+/// uclient's default mode: an RTP/RTCP pair per client, EVEN-PORT with the R bit reserving the
+/// next port, then an Allocate with the RESERVATION-TOKEN (RFC 8656 §7.2).
+#[test]
+fn coturn_uclient_udp_even_port_pairs() {
+    uclient_run(&["-W", SECRET, "-u", "uclient"], 4, 100);
+}
+
 /// Client-to-client mode: the clients relay to each other's relayed addresses.
 #[test]
 fn coturn_uclient_udp_client_to_client() {

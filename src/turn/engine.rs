@@ -97,6 +97,12 @@ pub trait RelaySockets: Send + Sync {
         let _ = (ip, port);
         Err(std::io::ErrorKind::Unsupported.into())
     }
+
+    /// Like [`RelaySockets::open`], preferring an even port (EVEN-PORT); the engine still checks
+    /// the parity and retries, so the default (any port) is correct, only slower.
+    fn open_even(&self, ip: IpAddr) -> std::io::Result<(RelayId, SocketAddr)> {
+        self.open(ip)
+    }
 }
 
 /// A relay socket, as named by [`RelaySockets::open`].
@@ -1020,7 +1026,12 @@ impl Engine {
             1
         };
         for _ in 0..tries {
-            let (relay, addr) = match self.relays.open(ip) {
+            let opened = if even_port.is_some() {
+                self.relays.open_even(ip)
+            } else {
+                self.relays.open(ip)
+            };
+            let (relay, addr) = match opened {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::warn!("TURN relay socket on {ip}: {e}");

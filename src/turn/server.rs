@@ -386,20 +386,39 @@ impl RelayPool {
     }
 }
 
-impl RelaySockets for RelayPool {
-    fn open(&self, ip: IpAddr) -> std::io::Result<(RelayId, SocketAddr)> {
+impl RelayPool {
+    /// Bind a random free port of `turn.relay_ports`, only even ones when `even`.
+    fn open_random(&self, ip: IpAddr, even: bool) -> std::io::Result<(RelayId, SocketAddr)> {
         let (lo, hi) = self.ports;
         let span = u32::from(hi - lo) + 1;
         let start: u32 = rand::random::<u32>() % span;
         let mut last = std::io::Error::new(std::io::ErrorKind::AddrInUse, "no free relay port");
-        for i in 0..(RELAY_PORT_TRIES as u32).min(span) {
+        let mut tried = 0;
+        for i in 0..span.min(4 * RELAY_PORT_TRIES as u32) {
             let port = lo + ((start + i * 7919) % span) as u16;
+            if even && port % 2 == 1 {
+                continue;
+            }
             match self.bind_relay(ip, port) {
                 Ok(r) => return Ok(r),
                 Err(e) => last = e,
             }
+            tried += 1;
+            if tried == RELAY_PORT_TRIES {
+                break;
+            }
         }
         Err(last)
+    }
+}
+
+impl RelaySockets for RelayPool {
+    fn open(&self, ip: IpAddr) -> std::io::Result<(RelayId, SocketAddr)> {
+        self.open_random(ip, false)
+    }
+
+    fn open_even(&self, ip: IpAddr) -> std::io::Result<(RelayId, SocketAddr)> {
+        self.open_random(ip, true)
     }
 
     /// The odd port next to an even one (EVEN-PORT with R, RFC 8656 §7.2); only inside
