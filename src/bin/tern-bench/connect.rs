@@ -558,7 +558,8 @@ fn ms(us: u64) -> f64 {
     (us as f64 / 1000.0 * 100.0).round() / 100.0
 }
 
-fn round(x: f64, digits: i32) -> f64 {
+/// `x` rounded to `digits` decimals (report figures).
+pub(crate) fn round(x: f64, digits: i32) -> f64 {
     let f = 10f64.powi(digits);
     (x * f).round() / f
 }

@@ -28,7 +28,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::client::TlsMode;
-use crate::connect::{self, Fleet, USERS_PER_WORKER};
+use crate::connect::{self, Fleet, USERS_PER_WORKER, round};
 use crate::engine::{FleetResult, mono_ns};
 use crate::net::{self, SourceIps, SuitePref};
 use crate::stats::{self, Histogram, ProcSample};
@@ -1077,13 +1077,9 @@ struct Report {
     server_process: Option<ServerReport>,
 }
 
+/// Microseconds as milliseconds with three decimals.
 fn ms(us: u64) -> f64 {
-    (us as f64 / 1000.0 * 1000.0).round() / 1000.0
-}
-
-fn round(x: f64, digits: i32) -> f64 {
-    let f = 10f64.powi(digits);
-    (x * f).round() / f
+    round(us as f64 / 1000.0, 3)
 }
 
 impl Report {
