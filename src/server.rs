@@ -45,7 +45,8 @@ pub enum ServerError {
     Http(String),
     #[error("durable offline queue (`[queue]`, {{data_dir}}/queue.redb): {0}")]
     Queue(#[from] crate::store::queue::QueueError),
-    #[error("TURN server: {0}")]
+    /// The cause (naming the config key) follows in the error chain.
+    #[error("TURN server")]
     Turn(#[from] crate::turn::server::TurnError),
 }
 

@@ -188,3 +188,45 @@ fn serve_fails_when_listener_port_in_use() {
     );
     drop(busy);
 }
+
+/// A second server on the same TURN port fails at startup, naming `turn.listen`, instead of
+/// silently sharing the port through `SO_REUSEPORT` (the first keeps serving).
+#[test]
+fn serve_fails_when_turn_port_is_taken_by_another_server() {
+    let busy = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )
+    .expect("socket");
+    busy.set_reuse_port(true).expect("SO_REUSEPORT");
+    busy.bind(
+        &"127.0.0.1:0"
+            .parse::<std::net::SocketAddr>()
+            .unwrap()
+            .into(),
+    )
+    .expect("bind");
+    let busy_addr = busy.local_addr().unwrap().as_socket().unwrap();
+    let (_dir, path) = config_file(&format!("\n[turn]\nlisten = \"{busy_addr}\"\n"));
+
+    let out = run_tern(&["serve"], &path, None);
+    let all = text(&out);
+    assert!(
+        !out.status.success(),
+        "serve shared a busy TURN port: {all}"
+    );
+    assert!(
+        all.contains("`turn.listen`"),
+        "error does not name the key: {all}"
+    );
+    assert!(
+        all.contains(&busy_addr.to_string()),
+        "error does not name {busy_addr}: {all}"
+    );
+    assert_eq!(
+        all.matches("in use").count(),
+        1,
+        "the OS error should appear once: {all}"
+    );
+}

@@ -7,10 +7,12 @@
 //! - [`peer`]: which peer addresses may be relayed to (private ranges refused by default).
 //! - [`engine`]: the sans-IO allocation engine: packets and `now` in, packets out; permissions,
 //!   channels, lifetimes, quotas, bandwidth caps.
+//! - `mmsg`: batched UDP reads and writes (`recvmmsg`/`sendmmsg`) for the relay hot path.
 //! - [`server`]: the thin Tokio layer: the UDP/TCP listener, relay sockets, timers.
 
 pub mod auth;
 pub mod engine;
+mod mmsg;
 pub mod peer;
 pub mod server;
 pub mod stun;

@@ -10,7 +10,10 @@
 //!   [`Engine::on_peer`]. The relayed transport is always UDP.
 //! - A one-second tick expires allocations, permissions and channels.
 //!
-//! Per-packet work allocates nothing: each loop owns its receive and send buffers.
+//! Per-packet work allocates nothing: each loop owns its receive and send buffers. UDP is read and
+//! written in batches (`mmsg`): a listener loop reads up to 32 datagrams per system call, and the
+//! frames relay loops produce for UDP clients are queued and sent by the listener loop with one
+//! `sendmmsg` per burst, so bursts cost fewer kernel crossings and wake the receivers less often.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
@@ -30,6 +33,7 @@ use super::auth::{Credentials, FailureLimiter, Nonces};
 use super::engine::{
     ClientAction, ClientId, Engine, EngineConfig, PeerAction, RelayId, RelaySockets, Transport,
 };
+use super::mmsg::{self, RecvBufs, SendQueue};
 use super::peer::PeerFilter;
 use super::stun;
 use crate::config::TurnConfig;
@@ -43,17 +47,17 @@ const STREAM_QUEUE: usize = 256;
 /// Random relay ports tried before an Allocate fails with 508.
 const RELAY_PORT_TRIES: usize = 64;
 
-/// A TURN startup problem, naming the config key.
+/// A TURN startup problem, naming the config key. The OS error follows in the error chain.
 #[derive(Debug, thiserror::Error)]
 pub enum TurnError {
-    #[error("`turn.listen` {addr}: {source}")]
+    #[error("`turn.listen` {addr}: cannot bind (is another server using this address?)")]
     Listen {
         addr: SocketAddr,
         source: std::io::Error,
     },
     #[error("`{key}`: {message}")]
     Config { key: &'static str, message: String },
-    #[error("cannot create {path}: {source}")]
+    #[error("cannot create {path}")]
     Secret {
         path: std::path::PathBuf,
         source: std::io::Error,
@@ -168,22 +172,26 @@ impl TurnService {
         ));
         let _ = pool.engine.set(Arc::downgrade(&engine));
         let _ = pool.me.set(Arc::downgrade(&pool));
-        let sockets: Vec<Arc<UdpSocket>> = sockets.into_iter().map(Arc::new).collect();
-        let _ = pool.udp.set(
-            sockets
-                .first()
-                .cloned()
-                .ok_or_else(|| config_err("turn.listen", "no UDP socket could be bound".into()))?,
-        );
-        for socket in sockets {
+        let listeners: Vec<Arc<UdpListener>> = sockets
+            .into_iter()
+            .map(|socket| {
+                Arc::new(UdpListener {
+                    socket,
+                    outbox: Default::default(),
+                    queued: tokio::sync::Notify::new(),
+                })
+            })
+            .collect();
+        for listener in &listeners {
             tracker.spawn(udp_loop(
-                socket,
+                listener.clone(),
                 udp_addr,
                 engine.clone(),
                 pool.clone(),
                 cancel.clone(),
             ));
         }
+        let _ = pool.udp.set(listeners);
         let service = Arc::new(TurnService {
             engine: engine.clone(),
             pool: pool.clone(),
@@ -303,12 +311,61 @@ pub struct RelayPool {
     relays: DashMap<RelayId, Relay>,
     /// Writers of TCP/TLS clients, for data from peers.
     streams: DashMap<ClientId, mpsc::Sender<Bytes>>,
-    /// A UDP listener socket for answers to UDP clients from relay loops.
-    udp: OnceLock<Arc<UdpSocket>>,
+    /// The UDP listener sockets, which carry relayed data to UDP clients.
+    udp: OnceLock<Vec<Arc<UdpListener>>>,
     next_id: AtomicU64,
     ports: (u16, u16),
     cancel: CancellationToken,
     tracker: TaskTracker,
+}
+
+/// Frames queued for UDP clients at most, per listener, before relay loops send directly.
+const OUTBOX_MAX: usize = 1024;
+
+/// One UDP listener socket and the frames relay loops queued for its clients.
+struct UdpListener {
+    socket: UdpSocket,
+    outbox: std::sync::Mutex<SendQueue>,
+    /// Wakes the listener loop when the outbox turns non-empty.
+    queued: tokio::sync::Notify,
+}
+
+impl UdpListener {
+    /// Queue a frame for `to`; sent straight away when the outbox is full.
+    fn queue(&self, to: SocketAddr, frame: &[u8]) {
+        let mut outbox = self.outbox.lock().unwrap_or_else(|p| p.into_inner());
+        if outbox.len() >= OUTBOX_MAX {
+            drop(outbox);
+            if !send_now(&self.socket, frame, to) {
+                metrics::counter!("tern_turn_dropped_total", "reason" => "send_buffer")
+                    .increment(1);
+            }
+            return;
+        }
+        let first = outbox.is_empty();
+        outbox.push(to, frame);
+        drop(outbox);
+        if first {
+            self.queued.notify_one();
+        }
+    }
+
+    /// Send what the relay loops queued, together with `queue` (the loop's own answers).
+    fn flush(&self, queue: &mut SendQueue) {
+        {
+            let mut outbox = self.outbox.lock().unwrap_or_else(|p| p.into_inner());
+            if queue.is_empty() {
+                std::mem::swap(queue, &mut outbox);
+            } else {
+                queue.append(&mut outbox);
+            }
+        }
+        let dropped = queue.flush(&self.socket);
+        if dropped > 0 {
+            metrics::counter!("tern_turn_dropped_total", "reason" => "send_buffer")
+                .increment(dropped as u64);
+        }
+    }
 }
 
 struct Relay {
@@ -333,11 +390,12 @@ impl RelayPool {
     fn send_to_client(&self, client: ClientId, frame: &[u8]) {
         match client.transport {
             Transport::Udp => {
-                if let Some(udp) = self.udp.get()
-                    && !send_now(udp, frame, client.remote)
+                // Any listener socket can answer (they share the address); spread by client.
+                if let Some(listeners) = self.udp.get()
+                    && let Some(l) =
+                        listeners.get(usize::from(client.remote.port()) % listeners.len())
                 {
-                    metrics::counter!("tern_turn_dropped_total", "reason" => "send_buffer")
-                        .increment(1);
+                    l.queue(client.remote, frame);
                 }
             }
             Transport::Tcp | Transport::Tls => {
@@ -438,16 +496,38 @@ impl RelaySockets for RelayPool {
     }
 }
 
+/// Datagrams one relay socket read gets at most (peers send in bursts of a few).
+const RELAY_SLOTS: usize = 8;
+/// Reads per relay-socket wake-up before the loop yields to other tasks.
+const RELAY_ROUNDS: usize = 8;
+
 thread_local! {
     /// Receive and frame buffers shared by every relay socket served on this worker thread: a
-    /// datagram is received and handled within one poll, so an allocation owns no buffer at all
+    /// burst is received and handled within one poll, so an allocation owns no buffer at all
     /// (64 KiB each would dwarf everything else an allocation costs).
-    static RELAY_BUFS: std::cell::RefCell<(Box<[u8]>, Vec<u8>)> =
-        std::cell::RefCell::new((vec![0u8; MAX_DATAGRAM].into_boxed_slice(), Vec::with_capacity(MAX_DATAGRAM + 36)));
+    static RELAY_BUFS: std::cell::RefCell<(RecvBufs, Vec<u8>)> = std::cell::RefCell::new((
+        RecvBufs::new(RELAY_SLOTS, MAX_DATAGRAM),
+        Vec::with_capacity(MAX_DATAGRAM + 36),
+    ));
 }
 
-/// Datagrams handled per wake-up before the loop yields to other tasks.
-const RELAY_BATCH: usize = 64;
+/// One batched read of `socket` into `bufs`. False when the socket is drained (or failed), in
+/// which case tokio's readiness was cleared for a drained socket, so the caller waits again.
+fn read_batch(socket: &UdpSocket, bufs: &mut RecvBufs) -> bool {
+    bufs.clear();
+    let mut more = false;
+    // A short read means the queue was empty: report WouldBlock so tokio clears the readiness
+    // (it keeps it if an event arrived meanwhile) instead of paying for an extra EAGAIN read.
+    let _ = socket.try_io(tokio::io::Interest::READABLE, || match bufs.recv(socket) {
+        Ok(true) => {
+            more = true;
+            Ok(())
+        }
+        Ok(false) => Err(std::io::ErrorKind::WouldBlock.into()),
+        Err(e) => Err(e),
+    });
+    more
+}
 
 /// Receive loop of one relay socket: peer datagrams to the engine, then to the client.
 async fn relay_loop(
@@ -465,19 +545,20 @@ async fn relay_loop(
         let (Some(engine), Some(pool)) = (engine.upgrade(), pool.upgrade()) else {
             return;
         };
-        RELAY_BUFS.with(|bufs| {
-            let (buf, out) = &mut *bufs.borrow_mut();
-            for _ in 0..RELAY_BATCH {
-                let (n, peer) = match socket.try_recv_from(buf) {
-                    Ok(r) => r,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
-                    // ICMP errors surface as failed receives on Linux; keep going.
-                    Err(_) => continue,
-                };
-                if let PeerAction::ToClient { client } =
-                    engine.on_peer(id, peer, &buf[..n], Instant::now(), out)
-                {
-                    pool.send_to_client(client, out);
+        RELAY_BUFS.with(|cell| {
+            let (bufs, out) = &mut *cell.borrow_mut();
+            for _ in 0..RELAY_ROUNDS {
+                let more = read_batch(&socket, bufs);
+                let now = Instant::now();
+                for (data, peer) in bufs.iter() {
+                    if let PeerAction::ToClient { client } =
+                        engine.on_peer(id, peer, data, now, out)
+                    {
+                        pool.send_to_client(client, out);
+                    }
+                }
+                if !more {
+                    return;
                 }
             }
         });
@@ -492,42 +573,60 @@ fn send_now(socket: &UdpSocket, data: &[u8], to: SocketAddr) -> bool {
         .is_ok()
 }
 
-/// Receive loop of one UDP listener socket.
+/// Batches a listener loop handles per wake-up before it yields to other tasks.
+const LISTENER_ROUNDS: usize = 4;
+
+/// Loop of one UDP listener socket: client datagrams to the engine (answers and relayed data
+/// out), and the frames relay loops queued for UDP clients.
 async fn udp_loop(
-    socket: Arc<UdpSocket>,
+    listener: Arc<UdpListener>,
     local: SocketAddr,
     engine: Arc<Engine>,
     pool: Arc<RelayPool>,
     cancel: CancellationToken,
 ) {
-    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let mut bufs = RecvBufs::new(mmsg::BATCH, MAX_DATAGRAM);
     let mut out = Vec::with_capacity(1500);
+    let mut answers = SendQueue::default();
     loop {
-        let (n, remote) = tokio::select! {
-            r = socket.recv_from(&mut buf) => match r {
-                Ok(r) => r,
-                Err(_) => continue,
-            },
+        tokio::select! {
+            biased;
             _ = cancel.cancelled() => return,
-        };
-        let client = ClientId {
-            transport: Transport::Udp,
-            remote,
-            local,
-        };
-        out.clear();
-        let data = &buf[..n];
-        match engine.on_client(client, data, Instant::now(), SystemTime::now(), &mut out) {
-            ClientAction::None => {}
-            ClientAction::Reply => {
-                send_now(&socket, &out, remote);
+            r = listener.socket.readable() => {
+                if r.is_err() {
+                    continue;
+                }
+                for _ in 0..LISTENER_ROUNDS {
+                    let more = read_batch(&listener.socket, &mut bufs);
+                    let now = Instant::now();
+                    let wall = SystemTime::now();
+                    for (data, remote) in bufs.iter() {
+                        let client = ClientId {
+                            transport: Transport::Udp,
+                            remote,
+                            local,
+                        };
+                        match engine.on_client(client, data, now, wall, &mut out) {
+                            ClientAction::None => {}
+                            ClientAction::Reply => answers.push(remote, &out),
+                            ClientAction::Relay {
+                                relay,
+                                peer,
+                                payload,
+                            } => pool.send_to_peer(relay, peer, data.get(payload).unwrap_or_default()),
+                        }
+                    }
+                    if !more {
+                        break;
+                    }
+                }
             }
-            ClientAction::Relay {
-                relay,
-                peer,
-                payload,
-            } => pool.send_to_peer(relay, peer, data.get(payload).unwrap_or_default()),
+            _ = listener.queued.notified() => {
+                // Let the relay loops woken with this one queue their frames first: one burst.
+                tokio::task::yield_now().await;
+            }
         }
+        listener.flush(&mut answers);
     }
 }
 
@@ -576,15 +675,21 @@ async fn expire_loop(engine: Arc<Engine>, cancel: CancellationToken) {
 
 /// One UDP socket per worker thread on `addr` with `SO_REUSEPORT` (the first fixes the port when
 /// `addr` asks for port 0).
+///
+/// `SO_REUSEPORT` would let a second server of the same user join the group silently and take
+/// half of the clients, so a plain bind probes the address first: an address in use fails here,
+/// naming `turn.listen`.
 fn reuseport_sockets(addr: SocketAddr) -> Result<Vec<UdpSocket>, TurnError> {
     use socket2::{Domain, Protocol, Socket, Type};
+    let err = |source| TurnError::Listen { addr, source };
+    let mut bind_addr = std::net::UdpSocket::bind(addr)
+        .and_then(|probe| probe.local_addr())
+        .map_err(err)?;
     let n = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(8);
     let mut out = Vec::with_capacity(n);
-    let mut bind_addr = addr;
     for _ in 0..n {
-        let err = |source| TurnError::Listen { addr, source };
         let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
             .map_err(err)?;
         socket.set_reuse_port(true).map_err(err)?;
@@ -599,4 +704,27 @@ fn reuseport_sockets(addr: SocketAddr) -> Result<Vec<UdpSocket>, TurnError> {
         out.push(UdpSocket::from_std(socket.into()).map_err(err)?);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A second server on the same `turn.listen` must fail rather than share the port.
+    #[tokio::test]
+    async fn a_second_listener_on_the_same_port_fails() {
+        let first = reuseport_sockets("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = first[0].local_addr().unwrap();
+        match reuseport_sockets(addr) {
+            Err(TurnError::Listen { source, .. }) => {
+                assert_eq!(source.kind(), std::io::ErrorKind::AddrInUse)
+            }
+            other => panic!("expected AddrInUse, got {:?}", other.map(|v| v.len())),
+        }
+        drop(first);
+        assert!(
+            reuseport_sockets(addr).is_ok(),
+            "free again after the first closed"
+        );
+    }
 }
