@@ -17,7 +17,7 @@
 # Environment: RUNS (3) USERS (10000) DURATION (10 s of sending per scenario) BATCH (100)
 #   BATCH_CONNS (4) SINGLE_CONNS (32) FIXED_RATE (10000) FIXED_CONNS (32) LOW_RATE (5000) DRAIN (5)
 #   TARGETS ("tern ejabberd") SCENARIOS ("batch single fixed low") SERVER_CPU (0) BENCH_CPU (1)
-#   NICE (0; e.g. -15, see benches/login.sh) OUT (target/bench-push/<timestamp>) BUILD (1)
+#   NICE (0; e.g. -15, see benches/lib.sh) OUT (target/bench-push/<timestamp>) BUILD (1)
 #   TIME_LIMIT (5400 s for the whole script; each step also has its own timeout)
 #   SUMMARY_ONLY (0; 1 = only print the table of the results already in $OUT)
 # Arguments after `--` are passed to every tern-bench run.
@@ -41,10 +41,8 @@ BENCH_CPU=${BENCH_CPU:-1}
 NICE=${NICE:-0}
 TIME_LIMIT=${TIME_LIMIT:-5400}
 OUT=${OUT:-target/bench-push/$(date -u +%Y%m%dT%H%M%SZ)}
-TARGET_DIR=${CARGO_TARGET_DIR:-target}
-BIN=$TARGET_DIR/release
-SECRET=bench-device-secret-0123456789abcdef
-API_KEY=bench-api-key-0123456789abcdef0123456789
+# shellcheck source=lib.sh
+source benches/lib.sh
 [[ "${1:-}" == "--" ]] && shift
 EXTRA=("$@")
 
@@ -61,87 +59,17 @@ SCRIPT_END=$((SECONDS + TIME_LIMIT))
 # shellcheck source=ejabberd/ejabberd.sh
 source benches/ejabberd/ejabberd.sh
 EJ_DIR=$OUT/ejabberd
+tern_write_config "$OUT/tern.toml" "$OUT/tern-data"
 
-cat > "$OUT/tern.toml" <<TOML
-[server]
-domain = "localhost"
-data_dir = "$OUT/tern-data"
-
-[c2s]
-starttls_listen = ["127.0.0.1:15222"]
-tls_listen = ["127.0.0.1:15223"]
-ping_interval_secs = 0
-
-[auth]
-device_secret = "$SECRET"
-
-[limits]
-max_connections_per_ip = 0
-
-[http]
-listen = "127.0.0.1:18080"
-api_keys = ["$API_KEY"]
-rate_limit_per_sec = 0
-
-[log]
-level = "warn"
-TOML
-
-# Run "$@" in a new session (own scheduler autogroup) with nice $NICE on CPU $1; the process id is
-# written to the file $2 (as in benches/login.sh).
-pinned() {
-    local cpu=$1 pidfile=$2
-    shift 2
-    setsid bash -c 'echo $$ > "$1"; if [[ $0 != 0 ]]; then echo "$0" > /proc/self/autogroup; fi; shift; exec "$@"' \
-        "$NICE" "$pidfile" nice -n "$NICE" taskset -c "$cpu" "$@"
-}
-
-tern_pid=
 bench_pid=
-epmd_was_running=0
-epmd -names > /dev/null 2>&1 && epmd_was_running=1
 cleanup() {
     [[ -n "$bench_pid" ]] && kill "$bench_pid" 2>/dev/null || true
-    [[ -n "$tern_pid" ]] && kill "$tern_pid" 2>/dev/null || true
+    tern_stop
     ej_stop "$EJ_DIR" || true
-    # The Erlang VM starts epmd on demand; stop it if it was not running before this script.
-    if [[ $epmd_was_running == 0 ]] && command -v epmd > /dev/null; then
-        epmd -kill > /dev/null 2>&1 || true
-    fi
+    ej_epmd_restore
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-
-wait_port() {
-    local port=$1 i
-    for i in $(seq 1 100); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    echo "nothing listens on 127.0.0.1:$port" >&2
-    return 1
-}
-
-start_tern() {
-    rm -rf "$OUT/tern-data" "$OUT/server.pid"
-    pinned "$SERVER_CPU" "$OUT/server.pid" "$BIN/tern" serve --config "$OUT/tern.toml" \
-        >> "$OUT/tern-server.log" 2>&1 &
-    local i
-    for i in $(seq 1 50); do [[ -s "$OUT/server.pid" ]] && break; sleep 0.1; done
-    tern_pid=$(cat "$OUT/server.pid")
-    wait_port 15223
-    wait_port 18080
-    sleep 1
-}
-
-stop_tern() {
-    [[ -z "$tern_pid" ]] && return 0
-    kill "$tern_pid" 2>/dev/null || true
-    local i
-    for i in $(seq 1 100); do kill -0 "$tern_pid" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$tern_pid" 2>/dev/null || true
-    tern_pid=
-}
 
 # scenario_args SCENARIO: tern-bench arguments of one scenario.
 scenario_args() {
@@ -159,8 +87,8 @@ bench() {
     file="$OUT/$target-$scenario-$run"
     local target_args
     if [[ $target == tern ]]; then
-        target_args=(--target tern --http 127.0.0.1:18080 --api-key "$API_KEY"
-            --server 127.0.0.1:15223 --device-secret "$SECRET")
+        target_args=(--target tern --http "127.0.0.1:$BENCH_TERN_HTTP_PORT" --api-key "$BENCH_TERN_API_KEY"
+            --server "127.0.0.1:$BENCH_TERN_TLS_PORT" --device-secret "$BENCH_TERN_SECRET")
     else
         target_args=(--target ejabberd --http "127.0.0.1:$EJ_HTTP_PORT"
             --server "127.0.0.1:$EJ_TLS_PORT" --password-pattern 'pw-{i}')
@@ -202,9 +130,9 @@ for run in $(seq 1 "$RUNS"); do
                 continue # no batch send in mod_http_api
             fi
             if [[ $target == tern ]]; then
-                start_tern
-                bench tern "$scenario" "$run" "$tern_pid"
-                stop_tern
+                tern_start "$OUT/tern.toml" "$SERVER_CPU" "$OUT/tern-server.log"
+                bench tern "$scenario" "$run" "$BENCH_TERN_PID"
+                tern_stop
             else
                 ej_start "$EJ_DIR" "$SERVER_CPU" "$NICE"
                 sleep 1

@@ -53,9 +53,9 @@ LOAD_CPU=${LOAD_CPU:-1}
 TIME_LIMIT=${TIME_LIMIT:-3600}
 OUT=${OUT:-target/bench-turn/$(date -u +%Y%m%dT%H%M%SZ)}
 TARGET_DIR=${CARGO_TARGET_DIR:-target}
-SECRET=bench-turn-secret-0123456789abcdef
-RELAY_LO=20000
-RELAY_HI=29999
+# shellcheck source=lib.sh
+source benches/lib.sh # TURN_SECRET, relay ports 20000-29999, Tern's and coturn's settings
+SECRET=$TURN_SECRET
 
 for tool in turnserver turnutils_uclient turnutils_peer taskset python3; do
     command -v "$tool" > /dev/null || {
@@ -131,35 +131,8 @@ start_tern() {
     rm -rf "$dir"
     mkdir -p "$dir"
     TURN_PORT=$(free_port)
-    cat > "$dir/tern.toml" << TOML
-[server]
-domain = "localhost"
-data_dir = "$dir/data"
-
-[c2s]
-starttls_listen = ["127.0.0.1:$(free_port)"]
-tls_listen = ["127.0.0.1:$(free_port)"]
-
-[auth]
-device_secret = "bench-device-secret-0123456789abcdef"
-
-[http]
-listen = "127.0.0.1:$(free_port)"
-api_keys = ["bench-api-key-0123456789abcdef0123456789"]
-
-[log]
-level = "warn"
-
-[turn]
-listen = "127.0.0.1:$TURN_PORT"
-relay_ports = "$RELAY_LO-$RELAY_HI"
-secrets = ["$SECRET"]
-allow_peers = ["127.0.0.0/8"]
-max_allocations = 100000
-max_allocations_per_user = 100000
-max_bandwidth_bytes_per_sec = 0
-unauthenticated_per_sec = 1000000
-TOML
+    BENCH_TERN_STARTTLS_PORT=$(free_port) BENCH_TERN_TLS_PORT=$(free_port) BENCH_TERN_HTTP_PORT=$(free_port) \
+        BENCH_TERN_TURN_PORT=$TURN_PORT tern_write_config "$dir/tern.toml" "$dir/data"
     taskset -c "$SERVER_CPU" "$TARGET_DIR/release/tern" serve --config "$dir/tern.toml" \
         >> "$OUT/tern-server.log" 2>&1 &
     server_pid=$!
@@ -167,40 +140,10 @@ TOML
 }
 
 start_coturn() {
-    local dir=$OUT/coturn-run
-    rm -rf "$dir"
-    mkdir -p "$dir"
     TURN_PORT=$(free_port)
-    # Equivalent to Tern's settings: loopback listener and relays, REST secret, loopback peers
-    # allowed, no TLS/DTLS, no CLI, no config file (-n), unlimited quotas and bandwidth (defaults).
-    taskset -c "$SERVER_CPU" turnserver -n --listening-ip=127.0.0.1 --listening-port="$TURN_PORT" \
-        --relay-ip=127.0.0.1 --min-port=$RELAY_LO --max-port=$RELAY_HI \
-        --use-auth-secret --static-auth-secret="$SECRET" --realm=localhost \
-        --allow-loopback-peers --no-tls --no-dtls --no-cli --no-tcp-relay \
-        --db="$dir/turndb" --pidfile="$dir/turnserver.pid" --log-file="$dir/turnserver.log" \
-        --simple-log > /dev/null 2>&1 &
-    server_pid=$!
+    coturn_start "$OUT/coturn-run" "$TURN_PORT" "$SERVER_CPU"
+    server_pid=$COTURN_PID
     PIDS+=("$server_pid")
-}
-
-# Waits until the TURN port answers a STUN Binding request.
-wait_turn() {
-    python3 - "$TURN_PORT" << 'PY'
-import os, socket, struct, sys, time
-port = int(sys.argv[1])
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.settimeout(0.2)
-req = struct.pack("!HHI", 1, 0, 0x2112A442) + os.urandom(12)
-deadline = time.time() + 15
-while time.time() < deadline:
-    s.sendto(req, ("127.0.0.1", port))
-    try:
-        if s.recv(2048)[:2] == b"\x01\x01":
-            sys.exit(0)
-    except OSError:
-        time.sleep(0.1)
-sys.exit("TURN server on port %d did not answer a Binding request" % port)
-PY
 }
 
 stop_server() {
@@ -346,7 +289,7 @@ if [[ "${SUMMARY_ONLY:-0}" != 1 ]]; then
             echo "run $run: $target"
             "start_$target"
             start_peer
-            wait_turn
+            wait_stun "$TURN_PORT"
             for size in $SIZES; do
                 for m in $ALLOCS; do
                     for load in $LOADS; do

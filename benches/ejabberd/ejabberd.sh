@@ -1,20 +1,25 @@
-# Helpers for benches/push.sh: an ejabberd (Debian package) on loopback for the comparison.
-# Source this file; every function takes the working directory DIR first.
+# Helpers for benches/push.sh and benches/compare.sh: an ejabberd (Debian package) on loopback for
+# the comparison. Source benches/lib.sh first; every function takes the working directory DIR first.
 #
 #   ej_prepare DIR                 render ejabberd.yml/ejabberdctl.cfg into DIR, self-signed cert
 #   ej_start DIR CPU NICE          start `ejabberdctl foreground` pinned to CPU; sets EJ_PID (beam.smp)
 #   ej_register DIR N PATTERN PW   register users PATTERN/PW ({i} = 0..N-1) through mod_http_api
 #   ej_stop DIR                    stop the node (ejabberdctl stop, then SIGKILL of EJ_PID if needed)
+#   ej_epmd_restore                the Erlang VM starts epmd on demand: stop it if it was not
+#                                  running when this file was sourced (call on exit)
 #
-# Ports: EJ_TLS_PORT (25223, direct TLS), EJ_STARTTLS_PORT (25222), EJ_HTTP_PORT (25280).
+# Ports: EJ_TLS_PORT (25223, direct TLS), EJ_STARTTLS_PORT (25222), EJ_HTTP_PORT (25280); Erlang
+# node name EJ_NODE (ejabberd-bench@localhost).
 
 EJ_TLS_PORT=${EJ_TLS_PORT:-25223}
 EJ_STARTTLS_PORT=${EJ_STARTTLS_PORT:-25222}
 EJ_HTTP_PORT=${EJ_HTTP_PORT:-25280}
-EJ_NODE=ejabberd-bench@localhost
+EJ_NODE=${EJ_NODE:-ejabberd-bench@localhost}
 EJ_SRC="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 EJ_PID=
 EJ_LAUNCHER_PID=
+EJ_EPMD_WAS_RUNNING=0
+epmd -names > /dev/null 2>&1 && EJ_EPMD_WAS_RUNNING=1
 
 ej_ctl() {
     local dir=$1
@@ -31,9 +36,7 @@ ej_prepare() {
     fi
     mkdir -p "$dir/logs" "$dir/spool"
     if [[ ! -s "$dir/cert.pem" ]]; then
-        openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 30 \
-            -subj "/CN=localhost" -addext "subjectAltName=DNS:localhost" \
-            -keyout "$dir/key.pem" -out "$dir/crt.pem" 2>/dev/null
+        selfsigned_cert "$dir/key.pem" "$dir/crt.pem"
         cat "$dir/key.pem" "$dir/crt.pem" > "$dir/cert.pem"
     fi
     sed -e "s|@CERTFILE@|$dir/cert.pem|" -e "s|@TLS_PORT@|$EJ_TLS_PORT|" \
@@ -44,7 +47,7 @@ ej_prepare() {
     # limit to 1024: start erl through a wrapper that raises it back to the hard limit.
     printf '#!/bin/sh\nulimit -n "$(ulimit -Hn)"\nexec /usr/bin/erl "$@"\n' > "$dir/erl"
     chmod 0755 "$dir/erl"
-    echo "ERL=$dir/erl" >> "$dir/ejabberdctl.cfg"
+    printf 'ERL=%s\nERLANG_NODE=%s\n' "$dir/erl" "$EJ_NODE" >> "$dir/ejabberdctl.cfg"
     # ejabberdctl runs the node as the `ejabberd` user when started by root.
     chown -R ejabberd:ejabberd "$dir"
     chmod 0600 "$dir/cert.pem" "$dir/key.pem"
@@ -122,4 +125,10 @@ ej_stop() {
     kill "$EJ_LAUNCHER_PID" 2>/dev/null || true
     EJ_PID=
     EJ_LAUNCHER_PID=
+}
+
+ej_epmd_restore() {
+    if [[ $EJ_EPMD_WAS_RUNNING == 0 ]] && command -v epmd > /dev/null; then
+        epmd -kill > /dev/null 2>&1 || true
+    fi
 }
