@@ -131,7 +131,9 @@ pub async fn serve(
             }
         }
         let direct = kind == ListenerKind::DirectTls;
-        if let Some(mut tls) = handshake(&settings, tcp, direct, &conn.shutdown).await {
+        // Boxed, like the TURN branch below: a future's size is that of its largest await point,
+        // and every idle session's task would otherwise keep room for these transient states.
+        if let Some(mut tls) = Box::pin(handshake(&settings, tcp, direct, &conn.shutdown)).await {
             if direct && tls.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN_STUN_TURN) {
                 // RFC 7443: TURN over TLS on the XMPP port (only TCP 443 may be open).
                 if let Some(turn) = settings.turn.as_ref().filter(|t| t.accepts_streams()) {
@@ -140,7 +142,7 @@ pub async fn serve(
                         remote: peer,
                         local: tls.get_ref().0.local_addr()?,
                     };
-                    turn.serve_stream(tls, client, conn.shutdown.clone()).await;
+                    Box::pin(turn.serve_stream(tls, client, conn.shutdown.clone())).await;
                 }
                 return Ok(());
             }
