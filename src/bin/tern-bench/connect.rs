@@ -14,15 +14,17 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use rustls::pki_types::ServerName;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::watch;
 use tokio_rustls::TlsConnector;
 
 use crate::client::{ClientCtx, Password, TlsMode};
 use crate::engine::{self, Counters, FleetParams, FleetResult, Share, Snapshot};
+use crate::progress::Bar;
 use crate::stats::{self, ProcSample};
-use crate::{ConnectArgs, net};
+use crate::storm::{self, Storm};
+use crate::{ConnectArgs, net, plot};
 
 /// Users per worker process when `--workers auto` (the fd limit is 20,000 per process).
 pub const USERS_PER_WORKER: u64 = 18_000;
@@ -35,9 +37,27 @@ enum WorkerMsg {
 }
 
 pub fn main(args: ConnectArgs) -> anyhow::Result<()> {
+    let workers = match role(&args, 0)? {
+        Role::Worker { index, count } => return run_worker(args, index, count, None),
+        Role::Parent { workers } => workers,
+    };
+    let rt = runtime(if workers > 1 { 1 } else { threads(&args) })?;
+    rt.block_on(orchestrate(args, workers))
+}
+
+/// Whether this process is a worker (started by a parent with `--worker-index/--worker-count`)
+/// or the parent, and then with how many worker processes.
+pub(crate) enum Role {
+    Worker { index: u64, count: u64 },
+    Parent { workers: u64 },
+}
+
+/// Raise the open-files limit and decide this process's role; a parent warns when its share of
+/// connections (plus `extra_fds`) would not fit under the limit.
+pub(crate) fn role(args: &ConnectArgs, extra_fds: u64) -> anyhow::Result<Role> {
     let nofile = net::raise_nofile();
     let workers = match (args.worker_index, args.worker_count) {
-        (Some(index), Some(count)) => return run_worker(args, index, count),
+        (Some(index), Some(count)) => return Ok(Role::Worker { index, count }),
         (None, None) => args
             .workers
             .0
@@ -51,14 +71,13 @@ pub fn main(args: ConnectArgs) -> anyhow::Result<()> {
         count: workers.max(1),
     }
     .len();
-    if per_process + 64 > nofile {
+    if per_process + extra_fds + 64 > nofile {
         eprintln!(
             "warning: {per_process} connections per process but the open-files limit is {nofile}; \
              use more --workers"
         );
     }
-    let rt = runtime(if workers > 1 { 1 } else { threads(&args) })?;
-    rt.block_on(orchestrate(args, workers))
+    Ok(Role::Parent { workers })
 }
 
 pub(crate) fn threads(args: &ConnectArgs) -> usize {
@@ -112,7 +131,12 @@ pub(crate) fn client_ctx(args: &ConnectArgs) -> anyhow::Result<Arc<ClientCtx>> {
     }))
 }
 
-fn fleet_params(args: &ConnectArgs, share: Share, deadline: Instant) -> FleetParams {
+fn fleet_params(
+    args: &ConnectArgs,
+    share: Share,
+    deadline: Instant,
+    storm: Option<Arc<Storm>>,
+) -> FleetParams {
     let count = share.count.max(1);
     FleetParams {
         share,
@@ -120,7 +144,17 @@ fn fleet_params(args: &ConnectArgs, share: Share, deadline: Instant) -> FleetPar
         concurrency: args.concurrency.div_ceil(count as usize).max(1),
         login_timeout: Duration::from_secs_f64(args.login_timeout),
         deadline,
+        storm,
     }
+}
+
+/// The counters of this process, with the storm's per-cycle figures when there is a storm.
+fn local_snapshot(counters: &Counters, storm: Option<&Arc<Storm>>) -> Snapshot {
+    let mut s = counters.snapshot();
+    if let Some(storm) = storm {
+        storm.fill(&mut s);
+    }
+    s
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -136,7 +170,14 @@ fn emit(msg: &WorkerMsg) {
     }
 }
 
-pub(crate) fn run_worker(args: ConnectArgs, index: u64, count: u64) -> anyhow::Result<()> {
+/// A worker process: run this share of the fleet, report progress and the result on stdout, and
+/// follow the parent's stdin (`stop` or EOF; storm commands such as `cut 1 <unix µs>`).
+pub(crate) fn run_worker(
+    args: ConnectArgs,
+    index: u64,
+    count: u64,
+    storm: Option<Arc<Storm>>,
+) -> anyhow::Result<()> {
     let rt = runtime(threads(&args))?;
     rt.block_on(async move {
         let ctx = client_ctx(&args)?;
@@ -148,23 +189,29 @@ pub(crate) fn run_worker(args: ConnectArgs, index: u64, count: u64) -> anyhow::R
             index,
             count,
         };
-        let params = fleet_params(&args, share, start + timeout);
+        let params = fleet_params(&args, share, start + timeout, storm.clone());
         let counters = Arc::new(Counters::default());
         let (stop_tx, stop_rx) = watch::channel(false);
         let fleet = tokio::spawn(engine::run(ctx, params, counters.clone(), stop_rx));
         // The parent closes our stdin (or writes "stop") to end the hold.
         let stdin_stop = stop_tx.clone();
+        let stdin_storm = storm.clone();
         tokio::spawn(async move {
             let mut lines = BufReader::new(tokio::io::stdin()).lines();
             while let Ok(Some(l)) = lines.next_line().await {
                 if l.trim() == "stop" {
                     break;
                 }
+                match (&stdin_storm, storm::Cmd::parse(&l)) {
+                    (Some(s), Some(cmd)) => s.apply(cmd),
+                    _ => eprintln!("worker {index}: ignoring {l:?}"),
+                }
             }
             let _ = stdin_stop.send(true);
         });
         // Failsafe if the parent vanishes without closing the pipe.
-        let failsafe = start + timeout + Duration::from_secs(15);
+        let bound = storm.as_ref().map_or(timeout, |s| s.run_bound());
+        let failsafe = start + bound + Duration::from_secs(15);
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         let mut fleet = fleet;
         loop {
@@ -175,7 +222,7 @@ pub(crate) fn run_worker(args: ConnectArgs, index: u64, count: u64) -> anyhow::R
                     return Ok(());
                 }
                 _ = tick.tick() => {
-                    emit(&WorkerMsg::Progress(counters.snapshot()));
+                    emit(&WorkerMsg::Progress(local_snapshot(&counters, storm.as_ref())));
                     if Instant::now() >= failsafe {
                         let _ = stop_tx.send(true);
                     }
@@ -192,6 +239,7 @@ pub(crate) fn run_worker(args: ConnectArgs, index: u64, count: u64) -> anyhow::R
 pub(crate) enum Fleet {
     Local {
         counters: Arc<Counters>,
+        storm: Option<Arc<Storm>>,
         stop: watch::Sender<bool>,
         task: tokio::task::JoinHandle<FleetResult>,
     },
@@ -204,10 +252,13 @@ pub(crate) enum Fleet {
 }
 
 impl Fleet {
+    /// Start the fleet in this process or in `workers` worker processes. `storm` is this
+    /// process's storm state (workers build their own from the same command line).
     pub(crate) fn start(
         args: &ConnectArgs,
         workers: u64,
         deadline: Instant,
+        storm: Option<Arc<Storm>>,
     ) -> anyhow::Result<Fleet> {
         if workers <= 1 {
             let ctx = client_ctx(args)?;
@@ -221,12 +272,13 @@ impl Fleet {
             let (stop, stop_rx) = watch::channel(false);
             let task = tokio::spawn(engine::run(
                 ctx,
-                fleet_params(args, share, deadline),
+                fleet_params(args, share, deadline, storm.clone()),
                 counters.clone(),
                 stop_rx,
             ));
             return Ok(Fleet::Local {
                 counters,
+                storm,
                 stop,
                 task,
             });
@@ -280,7 +332,9 @@ impl Fleet {
 
     pub(crate) fn snapshot(&self) -> Snapshot {
         match self {
-            Fleet::Local { counters, .. } => counters.snapshot(),
+            Fleet::Local {
+                counters, storm, ..
+            } => local_snapshot(counters, storm.as_ref()),
             Fleet::Workers { latest, .. } => {
                 let mut s = latest
                     .lock()
@@ -290,6 +344,28 @@ impl Fleet {
                 s
             }
         }
+    }
+
+    /// Hand a storm command to every client of the fleet (a line on each worker's stdin).
+    pub(crate) async fn command(&mut self, cmd: storm::Cmd) -> anyhow::Result<()> {
+        match self {
+            Fleet::Local { storm, .. } => {
+                if let Some(s) = storm {
+                    s.apply(cmd);
+                }
+            }
+            Fleet::Workers { stdins, .. } => {
+                let line = format!("{}\n", cmd.line());
+                for (i, stdin) in stdins.iter_mut().enumerate() {
+                    stdin
+                        .write_all(line.as_bytes())
+                        .await
+                        .with_context(|| format!("telling worker {i}: {line}"))?;
+                    stdin.flush().await?;
+                }
+            }
+        }
+        Ok(())
     }
 
     pub(crate) async fn stop(self) -> anyhow::Result<FleetResult> {
@@ -334,6 +410,97 @@ impl Fleet {
     }
 }
 
+/// What [`wait_ramp`] saw.
+pub(crate) struct Ramp {
+    pub timed_out: bool,
+    /// (sessions established, server RSS KiB) every 100 ms during the ramp, with a server PID:
+    /// the memory-per-session curve of `--plot`.
+    pub rss: Vec<(u64, u64)>,
+}
+
+/// Wait until every login of the ramp has finished (or `deadline`), sampling the server through
+/// `sample` every 100 ms. Progress goes to stderr: a bar on a terminal (or with `--progress`),
+/// otherwise one log line per second.
+pub(crate) async fn wait_ramp(
+    fleet: &Fleet,
+    users: u64,
+    deadline: Instant,
+    bar: &mut Bar,
+    sample: &mut dyn FnMut() -> Option<ProcSample>,
+) -> Ramp {
+    let start = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut next_print = start + Duration::from_secs(1);
+    let first = sample();
+    let mut rss: Vec<(u64, u64)> = first.iter().map(|s| (0, s.rss_kib)).collect();
+    // Previous log line: time, logins ok, server CPU ms, bench CPU ms.
+    let mut prev = (
+        start,
+        0u64,
+        first.map_or(0, |s| s.cpu_ms),
+        fleet.snapshot().cpu_ms,
+    );
+    let mut timed_out = false;
+    loop {
+        tick.tick().await;
+        let snap = fleet.snapshot();
+        let now = Instant::now();
+        let server = sample();
+        if let Some(s) = server {
+            rss.push((snap.active, s.rss_kib));
+        }
+        if snap.ramp_done {
+            break;
+        }
+        if now >= deadline {
+            timed_out = true;
+            break;
+        }
+        let secs = now.duration_since(start).as_secs_f64();
+        if bar.enabled() {
+            let mut text = format!(
+                "{:.0}/s  failed {}  in-flight {}",
+                snap.ok as f64 / secs.max(1e-3),
+                snap.failed,
+                snap.in_flight()
+            );
+            if let Some(s) = server {
+                text += &format!("  server {:.1} MiB", s.rss_kib as f64 / 1024.0);
+            }
+            bar.draw("logins", snap.ok, users, &text);
+        } else if now >= next_print {
+            next_print += Duration::from_secs(1);
+            let dt = now.duration_since(prev.0).as_secs_f64().max(1e-3);
+            let mut line = format!(
+                "[{secs:6.1}s] ok {:>7}/{users} (+{:.0}/s)  failed {}  in-flight {}",
+                snap.ok,
+                snap.ok.saturating_sub(prev.1) as f64 / dt,
+                snap.failed,
+                snap.in_flight(),
+            );
+            if let Some(s) = server {
+                line += &format!(
+                    "  | server rss {:.1} MiB cpu {:.0}%",
+                    s.rss_kib as f64 / 1024.0,
+                    (s.cpu_ms.saturating_sub(prev.2)) as f64 / 10.0 / dt
+                );
+                prev.2 = s.cpu_ms;
+            }
+            line += &format!(
+                "  | bench cpu {:.0}%",
+                snap.cpu_ms.saturating_sub(prev.3) as f64 / 10.0 / dt
+            );
+            eprintln!("{line}");
+            prev = (now, snap.ok, prev.2, snap.cpu_ms);
+        }
+    }
+    bar.finish();
+    if timed_out {
+        eprintln!("timeout: logins were still running at the deadline");
+    }
+    Ramp { timed_out, rss }
+}
+
 /// Server process samples taken during the run.
 #[derive(Default)]
 struct ServerWatch {
@@ -370,61 +537,14 @@ async fn orchestrate(args: ConnectArgs, workers: u64) -> anyhow::Result<()> {
         );
     }
 
-    let fleet = Fleet::start(&args, workers, deadline)?;
+    let fleet = Fleet::start(&args, workers, deadline, None)?;
     let fleet_start = Instant::now();
-    let mut tick = tokio::time::interval(Duration::from_millis(100));
-    let mut next_print = fleet_start + Duration::from_secs(1);
-    let mut prev = (
-        fleet_start,
-        0u64,
-        server.before.map_or(0, |s| s.cpu_ms),
-        cpu_start,
-    );
-    let mut timed_out = false;
-    loop {
-        tick.tick().await;
-        let snap = fleet.snapshot();
-        let now = Instant::now();
-        if snap.ramp_done {
-            break;
-        }
-        if now >= deadline {
-            timed_out = true;
-            eprintln!(
-                "timeout: {} s elapsed before all logins finished",
-                args.timeout
-            );
-            break;
-        }
-        if now >= next_print {
-            next_print += Duration::from_secs(1);
-            let s = server.sample();
-            let dt = now.duration_since(prev.0).as_secs_f64().max(1e-3);
-            let mut line = format!(
-                "[{:6.1}s] ok {:>7}/{} (+{:.0}/s)  failed {}  in-flight {}",
-                now.duration_since(fleet_start).as_secs_f64(),
-                snap.ok,
-                args.users,
-                (snap.ok - prev.1) as f64 / dt,
-                snap.failed,
-                snap.in_flight(),
-            );
-            if let Some(s) = s {
-                line += &format!(
-                    "  | server rss {:.1} MiB cpu {:.0}%",
-                    s.rss_kib as f64 / 1024.0,
-                    (s.cpu_ms.saturating_sub(prev.2)) as f64 / 10.0 / dt
-                );
-                prev.2 = s.cpu_ms;
-            }
-            line += &format!(
-                "  | bench cpu {:.0}%",
-                snap.cpu_ms.saturating_sub(prev.3) as f64 / 10.0 / dt
-            );
-            eprintln!("{line}");
-            prev = (now, snap.ok, prev.2, snap.cpu_ms);
-        }
-    }
+    let mut bar = Bar::new(args.progress);
+    let ramp = wait_ramp(&fleet, args.users, deadline, &mut bar, &mut || {
+        server.sample()
+    })
+    .await;
+    let timed_out = ramp.timed_out;
     let ramp_end = Instant::now();
     let ramp_snap = fleet.snapshot();
     server.ramp_end = server.sample();
@@ -467,6 +587,19 @@ async fn orchestrate(args: ConnectArgs, workers: u64) -> anyhow::Result<()> {
         tokio::time::sleep_until(wake.into()).await;
     }
     let result = fleet.stop().await?;
+    if let Some(path) = &args.plot {
+        plot::write(
+            path,
+            &format!("tern-bench connect: {} users", args.users),
+            "login latency",
+            &[plot::Series::of_histogram(
+                "login",
+                &result.latency_us,
+                None,
+            )],
+            &ramp.rss,
+        )?;
+    }
     let report = Report::build(
         &args,
         workers,
@@ -499,13 +632,26 @@ struct Timing {
 }
 
 #[derive(Debug, Serialize)]
-struct Latency {
-    samples: u64,
-    p50_ms: f64,
-    p90_ms: f64,
-    p99_ms: f64,
-    max_ms: f64,
-    mean_ms: f64,
+pub(crate) struct Latency {
+    pub samples: u64,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    pub mean_ms: f64,
+}
+
+impl Latency {
+    pub(crate) fn of(h: &stats::Histogram) -> Latency {
+        Latency {
+            samples: h.count(),
+            p50_ms: ms(h.quantile(0.5)),
+            p90_ms: ms(h.quantile(0.9)),
+            p99_ms: ms(h.quantile(0.99)),
+            max_ms: ms(h.max()),
+            mean_ms: ms(h.mean() as u64),
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -581,7 +727,6 @@ impl Report {
             t.ramp_wall.as_secs_f64()
         };
         let wall = t.ramp_wall.as_secs_f64().max(1e-3);
-        let h = &r.latency_us;
         let server_process = match (server.pid, server.before, server.ramp_end) {
             (Some(pid), Some(before), Some(ramp_end)) => {
                 let after = server.after.or(server.last).unwrap_or(ramp_end);
@@ -632,14 +777,7 @@ impl Report {
                 },
                 1,
             ),
-            latency: Latency {
-                samples: h.count(),
-                p50_ms: ms(h.quantile(0.5)),
-                p90_ms: ms(h.quantile(0.9)),
-                p99_ms: ms(h.quantile(0.99)),
-                max_ms: ms(h.max()),
-                mean_ms: ms(h.mean() as u64),
-            },
+            latency: Latency::of(&r.latency_us),
             dropped_during_hold: s.dropped,
             drops: r.drops.clone(),
             pings_answered: s.pings,

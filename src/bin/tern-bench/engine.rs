@@ -42,6 +42,8 @@ pub struct FleetParams {
     pub login_timeout: Duration,
     /// Stop launching new logins after this instant.
     pub deadline: Instant,
+    /// Scenario `storm`: after the login, clients follow the storm's cuts and reconnect.
+    pub storm: Option<Arc<crate::storm::Storm>>,
 }
 
 pub fn now_us() -> u64 {
@@ -114,6 +116,15 @@ pub struct Snapshot {
     pub rx_first_ns: u64,
     #[serde(default)]
     pub rx_last_ns: u64,
+    /// Scenario `storm`: the cycle being measured and, for it, clients cut off, back, given up.
+    #[serde(default)]
+    pub storm_cycle: u64,
+    #[serde(default)]
+    pub storm_down: u64,
+    #[serde(default)]
+    pub storm_back: u64,
+    #[serde(default)]
+    pub storm_failed: u64,
 }
 
 impl Snapshot {
@@ -151,6 +162,10 @@ impl Snapshot {
                 out.rx_first_ns = s.rx_first_ns;
             }
             out.rx_last_ns = out.rx_last_ns.max(s.rx_last_ns);
+            out.storm_cycle = out.storm_cycle.max(s.storm_cycle);
+            out.storm_down += s.storm_down;
+            out.storm_back += s.storm_back;
+            out.storm_failed += s.storm_failed;
         }
         out.ramp_done &= any;
         out
@@ -171,6 +186,9 @@ pub struct FleetResult {
     pub failures: BTreeMap<String, u64>,
     pub drops: BTreeMap<String, u64>,
     pub tls_params: Option<String>,
+    /// Scenario `storm`: what each cycle's reconnection looked like, by cycle number.
+    #[serde(default)]
+    pub storm: BTreeMap<u64, crate::storm::CycleAcc>,
 }
 
 impl FleetResult {
@@ -189,11 +207,14 @@ impl FleetResult {
         if self.tls_params.is_none() {
             self.tls_params = other.tls_params.clone();
         }
+        for (k, c) in &other.storm {
+            self.storm.entry(*k).or_default().merge(c);
+        }
     }
 }
 
 /// Resolves once the stop flag is true (or its sender is gone).
-async fn stopped(rx: &mut watch::Receiver<bool>) {
+pub(crate) async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|v| *v).await;
 }
 
@@ -221,6 +242,7 @@ impl Counters {
             rx_other: self.rx_other.load(Ordering::Relaxed),
             rx_first_ns: self.rx_first_ns.load(Ordering::Relaxed),
             rx_last_ns: self.rx_last_ns.load(Ordering::Relaxed),
+            ..Snapshot::default()
         }
     }
 
@@ -241,11 +263,18 @@ impl Counters {
                 .lock()
                 .map(|m| m.clone())
                 .unwrap_or_default(),
+            storm: BTreeMap::new(),
         }
     }
 }
 
 impl Counters {
+    /// A held session was lost (not closed by us).
+    pub fn record_drop(&self, reason: String) {
+        self.dropped.fetch_add(1, Ordering::Relaxed);
+        bump(&self.drops, reason);
+    }
+
     /// A `<message/>` arrived: if its body carries a push stamp, count it and record its latency.
     pub fn record_message(&self, raw: &[u8]) {
         let now = mono_ns();
@@ -315,11 +344,20 @@ pub async fn run(
         }
         let i = share.first + j;
         let (ctx, counters, stop_rx) = (ctx.clone(), counters.clone(), stop.clone());
-        let login_timeout = params.login_timeout;
+        let (login_timeout, storm) = (params.login_timeout, params.storm.clone());
         counters.live.fetch_add(1, Ordering::Relaxed);
         counters.attempted.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
-            client_task(ctx, i, login_timeout, counters.clone(), permit, stop_rx).await;
+            client_task(
+                ctx,
+                i,
+                login_timeout,
+                counters.clone(),
+                permit,
+                stop_rx,
+                storm,
+            )
+            .await;
             counters.live.fetch_sub(1, Ordering::Relaxed);
         });
         launched += 1;
@@ -337,7 +375,11 @@ pub async fn run(
     while counters.live.load(Ordering::Relaxed) > 0 && Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    counters.result()
+    let mut result = counters.result();
+    if let Some(storm) = &params.storm {
+        result.storm = storm.cycles();
+    }
+    result
 }
 
 async fn client_task(
@@ -347,6 +389,7 @@ async fn client_task(
     counters: Arc<Counters>,
     permit: tokio::sync::OwnedSemaphorePermit,
     mut stop: watch::Receiver<bool>,
+    storm: Option<Arc<crate::storm::Storm>>,
 ) {
     let phase = AtomicU8::new(Phase::Connect as u8);
     let start = Instant::now();
@@ -398,11 +441,15 @@ async fn client_task(
     counters.last_ok_us.fetch_max(now_us(), Ordering::Relaxed);
     counters.active.fetch_add(1, Ordering::Relaxed);
     counters.ok.fetch_add(1, Ordering::Relaxed);
+    if let Some(storm) = storm {
+        // The storm loop keeps `active` and the drop counters itself.
+        storm.client(&ctx, i, session, &counters, stop).await;
+        return;
+    }
     let dropped = hold(session, &counters, stop).await;
     counters.active.fetch_sub(1, Ordering::Relaxed);
     if let Some(reason) = dropped {
-        counters.dropped.fetch_add(1, Ordering::Relaxed);
-        bump(&counters.drops, reason);
+        counters.record_drop(reason);
     }
 }
 
@@ -412,14 +459,31 @@ async fn hold(
     counters: &Counters,
     mut stop: watch::Receiver<bool>,
 ) -> Option<String> {
+    match hold_until(&mut s, counters, stopped(&mut stop)).await {
+        Ok(()) => {
+            close_politely(s).await;
+            None
+        }
+        Err(reason) => Some(reason),
+    }
+}
+
+/// Idle in the session (answering pings, recording pushes) until `until` resolves (→ its value;
+/// the session stays open for the caller to close) or the session is lost (→ the reason).
+pub async fn hold_until<T>(
+    s: &mut Session,
+    counters: &Counters,
+    until: impl Future<Output = T>,
+) -> Result<T, String> {
+    tokio::pin!(until);
     loop {
         tokio::select! {
-            _ = stopped(&mut stop) => break,
+            v = &mut until => return Ok(v),
             ev = client::next_event(&mut s.stream, &mut s.framer, Phase::Hold) => match ev {
                 Ok(Event::Stanza(st)) => {
                     if st.name() == "stream:error" {
                         let cond = st.first_child().map(|(n, _)| n).unwrap_or_default();
-                        return Some(format!("stream-error:{cond}"));
+                        return Err(format!("stream-error:{cond}"));
                     }
                     if st.name() == "message" {
                         counters.record_message(st.raw());
@@ -431,22 +495,25 @@ async fn hold(
                         let r = s.stream.write_all(reply.as_bytes()).await;
                         let r = match r { Ok(()) => s.stream.flush().await, Err(e) => Err(e) };
                         if let Err(e) = r {
-                            return Some(Fail::Io(Phase::Hold, e).reason());
+                            return Err(Fail::Io(Phase::Hold, e).reason());
                         }
                     }
                 }
-                Ok(Event::StreamClose) => return Some(Fail::Closed(Phase::Hold).reason()),
-                Ok(Event::StreamOpen(_)) => return Some("unexpected:hold:stream-header".into()),
-                Err(f) => return Some(f.reason()),
+                Ok(Event::StreamClose) => return Err(Fail::Closed(Phase::Hold).reason()),
+                Ok(Event::StreamOpen(_)) => return Err("unexpected:hold:stream-header".into()),
+                Err(f) => return Err(f.reason()),
             },
         }
     }
+}
+
+/// Close the stream and TLS session the way a client that logs off does (bounded: 2 s).
+pub async fn close_politely(mut s: Session) {
     let close = async {
         s.stream.write_all(b"</stream:stream>").await?;
         s.stream.shutdown().await
     };
     let _ = tokio::time::timeout(Duration::from_secs(2), close).await;
-    None
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! `tern-bench`: Tern's own lightweight XMPP load client.
 //!
-//! One subcommand per scenario: `connect` (logins, idle memory) and `push` (HTTP API pushes to
-//! connected clients: throughput and push-to-receive latency). The client speaks just enough XMPP (TLS,
+//! One subcommand per scenario: `connect` (logins, idle memory), `push` (HTTP API pushes to
+//! connected clients: throughput and push-to-receive latency) and `storm` (everyone cut off at
+//! once, everyone reconnecting: time until all are back). The client speaks just enough XMPP (TLS,
 //! SASL PLAIN, bind, presence, ping replies) and parses with Tern's own stream framer, so that
 //! tens of thousands of sessions fit in one small process. See BENCHMARKS.md for how it is used.
 
@@ -9,8 +10,11 @@ mod client;
 mod connect;
 mod engine;
 mod net;
+mod plot;
+mod progress;
 mod push;
 mod stats;
+mod storm;
 
 use std::net::SocketAddr;
 
@@ -38,6 +42,11 @@ enum Scenario {
     /// Log N users in, then push to them through an HTTP API (Tern or ejabberd) at a fixed or
     /// unbounded rate; report pushes/s, push-to-receive latency, losses and server CPU/RSS.
     Push(push::PushArgs),
+    /// Log N users in, then cut every connection at once (`--cut client`) or wait for a server
+    /// restart to cut them (`--cut server-restart`); all reconnect at once, with a jittered
+    /// back-off on failure. Reports per cycle the time until 50/90/99/100 % are back, failures,
+    /// attempts and the server's peak RSS and CPU.
+    Storm(storm::StormArgs),
 }
 
 /// `--workers`: a number or `auto`.
@@ -127,6 +136,13 @@ pub struct ConnectArgs {
     /// Tokio worker threads per process (default: CPUs available to the process; 1 = current-thread runtime).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Show a progress bar on stderr while logging in (default: only when stderr is a terminal).
+    #[arg(long)]
+    pub progress: bool,
+    /// Write an SVG plot: login-latency distribution, and server RSS against sessions during the
+    /// ramp (with --server-pid).
+    #[arg(long, value_name = "FILE")]
+    pub plot: Option<std::path::PathBuf>,
     #[arg(long, hide = true)]
     pub worker_index: Option<u64>,
     #[arg(long, hide = true)]
@@ -138,6 +154,7 @@ fn main() -> anyhow::Result<()> {
     match cli.scenario {
         Scenario::Connect(args) => connect::main(args),
         Scenario::Push(args) => push::main(args),
+        Scenario::Storm(args) => storm::main(args),
     }
 }
 
@@ -201,5 +218,48 @@ mod tests {
             panic!("expected push");
         };
         assert_eq!((a.rate, a.http_conns, a.users), (10_000.0, 32, 10));
+    }
+
+    #[test]
+    fn storm_cli() {
+        let cli = Cli::try_parse_from([
+            "tern-bench",
+            "storm",
+            "--users",
+            "10",
+            "--device-secret",
+            "s",
+            "--cut",
+            "server-restart",
+            "--cycles",
+            "3",
+            "--server-pid-file",
+            "/tmp/pid",
+            "--plot",
+            "/tmp/x.svg",
+        ])
+        .unwrap();
+        let Scenario::Storm(a) = cli.scenario else {
+            panic!("expected storm");
+        };
+        assert_eq!(
+            (a.cut, a.cycles, a.conn.users),
+            (storm::Cut::ServerRestart, 3, 10)
+        );
+        assert!(a.conn.plot.is_some());
+        // One PID source at a time.
+        assert!(
+            Cli::try_parse_from([
+                "tern-bench",
+                "storm",
+                "--device-secret",
+                "s",
+                "--server-pid",
+                "1",
+                "--server-pid-file",
+                "/tmp/pid"
+            ])
+            .is_err()
+        );
     }
 }

@@ -28,9 +28,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::client::TlsMode;
-use crate::connect::{self, Fleet, USERS_PER_WORKER, round};
+use crate::connect::{self, Fleet, Role, round, wait_ramp};
 use crate::engine::{FleetResult, mono_ns};
-use crate::net::{self, SourceIps, SuitePref};
+use crate::net::{SourceIps, SuitePref};
+use crate::plot;
+use crate::progress::Bar;
 use crate::stats::{self, Histogram, ProcSample};
 use crate::{ConnectArgs, WorkerCount, parse_workers};
 
@@ -152,6 +154,13 @@ pub struct PushArgs {
     /// Tokio worker threads per process (default: CPUs available; 1 = current-thread runtime).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Show a progress bar on stderr while logging in (default: only when stderr is a terminal).
+    #[arg(long)]
+    pub progress: bool,
+    /// Write an SVG plot: push-to-receive latency distribution, and server RSS against sessions
+    /// during the login ramp (with --server-pid).
+    #[arg(long, value_name = "FILE")]
+    pub plot: Option<std::path::PathBuf>,
     #[arg(long, hide = true)]
     pub worker_index: Option<u64>,
     #[arg(long, hide = true)]
@@ -184,6 +193,8 @@ impl PushArgs {
             prefer_suite: SuitePref::Default,
             workers: self.workers,
             threads: self.threads,
+            progress: self.progress,
+            plot: None,
             worker_index: self.worker_index,
             worker_count: self.worker_count,
         }
@@ -229,23 +240,11 @@ impl PushArgs {
 
 pub fn main(args: PushArgs) -> anyhow::Result<()> {
     let conn = args.connect_args();
-    let nofile = net::raise_nofile();
-    let workers = match (args.worker_index, args.worker_count) {
-        (Some(index), Some(count)) => return connect::run_worker(conn, index, count),
-        (None, None) => args
-            .workers
-            .0
-            .unwrap_or_else(|| args.users.div_ceil(USERS_PER_WORKER).max(1)),
-        _ => bail!("--worker-index and --worker-count go together"),
+    let workers = match connect::role(&conn, args.http_conns as u64)? {
+        Role::Worker { index, count } => return connect::run_worker(conn, index, count, None),
+        Role::Parent { workers } => workers,
     };
     args.validate()?;
-    let per_process = args.users.div_ceil(workers.max(1));
-    if per_process + args.http_conns as u64 + 64 > nofile {
-        eprintln!(
-            "warning: {per_process} connections per process but the open-files limit is {nofile}; \
-             use more --workers"
-        );
-    }
     let rt = connect::runtime(if workers > 1 {
         1
     } else {
@@ -791,31 +790,13 @@ async fn orchestrate(args: PushArgs, conn: ConnectArgs, workers: u64) -> anyhow:
     }
 
     // 1. Log the clients in.
-    let fleet = Fleet::start(&conn, workers, deadline)?;
-    let mut next_print = Instant::now() + Duration::from_secs(1);
-    let mut timed_out = false;
-    loop {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let snap = fleet.snapshot();
-        if snap.ramp_done {
-            break;
-        }
-        if Instant::now() >= deadline {
-            timed_out = true;
-            eprintln!("timeout: {} s elapsed during the logins", args.timeout);
-            break;
-        }
-        if Instant::now() >= next_print {
-            next_print += Duration::from_secs(1);
-            eprintln!(
-                "[{:6.1}s] logins ok {}/{}  failed {}",
-                start.elapsed().as_secs_f64(),
-                snap.ok,
-                args.users,
-                snap.failed
-            );
-        }
-    }
+    let fleet = Fleet::start(&conn, workers, deadline, None)?;
+    let mut bar = Bar::new(args.progress);
+    let ramp = wait_ramp(&fleet, args.users, deadline, &mut bar, &mut || {
+        sample(args.server_pid, &mut peak_rss)
+    })
+    .await;
+    let timed_out = ramp.timed_out;
     let login_snap = fleet.snapshot();
     let login_secs = start.elapsed().as_secs_f64();
     eprintln!(
@@ -946,6 +927,19 @@ async fn orchestrate(args: PushArgs, conn: ConnectArgs, workers: u64) -> anyhow:
     tokio::time::sleep(Duration::from_millis(250)).await;
     let server_after = sample(args.server_pid, &mut peak_rss);
     let result = fleet.stop().await?;
+    if let Some(path) = &args.plot {
+        plot::write(
+            path,
+            &format!("tern-bench push: {} clients", args.users),
+            "push-to-receive latency",
+            &[plot::Series::of_histogram(
+                "push",
+                &result.push_latency_us,
+                None,
+            )],
+            &ramp.rss,
+        )?;
+    }
 
     let report = Report::build(
         &args,

@@ -74,6 +74,24 @@ impl Histogram {
         }
     }
 
+    /// The cumulative distribution: (value, share of all recorded values ≤ value) per non-empty
+    /// bucket, values ascending (the last value is the exact maximum).
+    pub fn cdf(&self) -> Vec<(u64, f64)> {
+        let mut seen = 0;
+        let mut out: Vec<(u64, f64)> = self
+            .buckets
+            .iter()
+            .map(|(b, c)| {
+                seen += c;
+                (value_of(*b).min(self.max), seen as f64 / self.count as f64)
+            })
+            .collect();
+        if let Some(last) = out.last_mut() {
+            last.0 = self.max;
+        }
+        out
+    }
+
     /// Value at quantile `q` (0..=1): the smallest recorded bucket whose cumulative count reaches
     /// `ceil(q * count)`. Never larger than the exact maximum; the top rank is the exact maximum.
     pub fn quantile(&self, q: f64) -> u64 {
@@ -170,6 +188,9 @@ mod tests {
         h.merge(&g);
         assert_eq!(h.count(), 1001);
         assert_eq!(h.quantile(1.0), 50_000);
+        let cdf = h.cdf();
+        assert_eq!(cdf.last(), Some(&(50_000, 1.0)));
+        assert!(cdf.windows(2).all(|w| w[0].0 <= w[1].0 && w[0].1 < w[1].1));
     }
 
     #[test]
