@@ -193,7 +193,7 @@ impl FleetResult {
 }
 
 /// Resolves once the stop flag is true (or its sender is gone).
-async fn stopped(rx: &mut watch::Receiver<bool>) {
+pub(crate) async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|v| *v).await;
 }
 
@@ -423,6 +423,15 @@ async fn hold(
                     }
                     if st.name() == "message" {
                         counters.record_message(st.raw());
+                        // Scenario `chat`: answer the tool's message at once (crate::chat).
+                        if let Some(echo) = crate::chat::echo_reply(&st) {
+                            drop(st);
+                            let r = s.stream.write_all(&echo).await;
+                            let r = match r { Ok(()) => s.stream.flush().await, Err(e) => Err(e) };
+                            if let Err(e) = r {
+                                return Some(Fail::Io(Phase::Hold, e).reason());
+                            }
+                        }
                         continue;
                     }
                     if let Some(reply) = client::ping_reply(&st) {

@@ -5,12 +5,14 @@
 //! SASL PLAIN, bind, presence, ping replies) and parses with Tern's own stream framer, so that
 //! tens of thousands of sessions fit in one small process. See BENCHMARKS.md for how it is used.
 
+mod chat;
 mod client;
 mod connect;
 mod engine;
 mod net;
 mod push;
 mod stats;
+mod turn;
 
 use std::net::SocketAddr;
 
@@ -38,6 +40,12 @@ enum Scenario {
     /// Log N users in, then push to them through an HTTP API (Tern or ejabberd) at a fixed or
     /// unbounded rate; report pushes/s, push-to-receive latency, losses and server CPU/RSS.
     Push(push::PushArgs),
+    /// Log N endpoints and M tools in; tools send chat messages that endpoints echo; report
+    /// messages/s, round-trip and one-way latency, losses and server CPU/RSS.
+    Chat(chat::ChatArgs),
+    /// Allocate N TURN allocations over UDP (allocations/s, latency), then relay ChannelData (or
+    /// Send indications) through them to a local echo peer; report packets/s, RTT and losses.
+    Turn(turn::TurnArgs),
 }
 
 /// `--workers`: a number or `auto`.
@@ -138,6 +146,8 @@ fn main() -> anyhow::Result<()> {
     match cli.scenario {
         Scenario::Connect(args) => connect::main(args),
         Scenario::Push(args) => push::main(args),
+        Scenario::Chat(args) => chat::main(args),
+        Scenario::Turn(args) => turn::main(args),
     }
 }
 
