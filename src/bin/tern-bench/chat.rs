@@ -276,6 +276,8 @@ struct Plan {
     next: AtomicU64,
     sent: AtomicU64,
     replies: AtomicU64,
+    /// Echoes and error replies: when it reaches `sent`, nothing is under way.
+    answered: AtomicU64,
     first_send_ns: AtomicU64,
     last_reply_ns: AtomicU64,
     rtt: Mutex<Histogram>,
@@ -309,10 +311,8 @@ impl Plan {
 
 type Writer = Arc<tokio::sync::Mutex<WriteHalf<TlsStream<TcpStream>>>>;
 
-async fn write(w: &Writer, data: &[u8]) -> std::io::Result<()> {
-    let mut w = w.lock().await;
-    w.write_all(data).await?;
-    w.flush().await
+async fn write(w: &Writer, data: &[u8]) -> Result<(), client::Fail> {
+    client::send(&mut *w.lock().await, data, Phase::Hold).await
 }
 
 /// One tool session: send on schedule (or within the window) until the end of the send window,
@@ -355,8 +355,8 @@ async fn tool_task(session: Session, plan: Arc<Plan>, mut stop: watch::Receiver<
                     }
                 }
                 plan.message(seq, due_ns, &mut buf);
-                if let Err(e) = write(&wr, &buf).await {
-                    plan.error(format!("tool-io:{:?}", e.kind()));
+                if let Err(f) = write(&wr, &buf).await {
+                    plan.error(format!("tool-{}", f.reason()));
                     return;
                 }
                 let _ = plan.first_send_ns.compare_exchange(
@@ -402,6 +402,7 @@ async fn tool_task(session: Session, plan: Arc<Plan>, mut stop: watch::Receiver<
                             h.record(now.saturating_sub(stamp.sent_ns) / 1000);
                         }
                     }
+                    plan.answered.fetch_add(1, Ordering::Relaxed);
                     window.add_permits(1);
                 }
                 "stream:error" => {
@@ -410,9 +411,9 @@ async fn tool_task(session: Session, plan: Arc<Plan>, mut stop: watch::Receiver<
                 }
                 _ => {
                     if let Some(reply) = client::ping_reply(&st)
-                        && write(&wr, reply.as_bytes()).await.is_err()
+                        && let Err(f) = write(&wr, reply.as_bytes()).await
                     {
-                        return plan.error("tool-io:ping".into());
+                        return plan.error(format!("tool-{}", f.reason()));
                     }
                 }
             }
@@ -530,6 +531,7 @@ async fn orchestrate(args: ChatArgs, conn: ConnectArgs, workers: u64) -> anyhow:
         next: AtomicU64::new(0),
         sent: AtomicU64::new(0),
         replies: AtomicU64::new(0),
+        answered: AtomicU64::new(0),
         first_send_ns: AtomicU64::new(0),
         last_reply_ns: AtomicU64::new(0),
         rtt: Mutex::new(Histogram::default()),
@@ -555,7 +557,7 @@ async fn orchestrate(args: ChatArgs, conn: ConnectArgs, workers: u64) -> anyhow:
             plan.sent.load(Ordering::Relaxed),
             plan.replies.load(Ordering::Relaxed),
         );
-        if now >= drain_end || (now >= send_end && replies >= sent) {
+        if now >= drain_end || (now >= send_end && plan.answered.load(Ordering::Relaxed) >= sent) {
             break;
         }
         tokio::select! {
@@ -790,6 +792,7 @@ mod tests {
             next: AtomicU64::new(0),
             sent: AtomicU64::new(0),
             replies: AtomicU64::new(0),
+            answered: AtomicU64::new(0),
             first_send_ns: AtomicU64::new(0),
             last_reply_ns: AtomicU64::new(0),
             rtt: Mutex::new(Histogram::default()),

@@ -426,10 +426,8 @@ async fn hold(
                         // Scenario `chat`: answer the tool's message at once (crate::chat).
                         if let Some(echo) = crate::chat::echo_reply(&st) {
                             drop(st);
-                            let r = s.stream.write_all(&echo).await;
-                            let r = match r { Ok(()) => s.stream.flush().await, Err(e) => Err(e) };
-                            if let Err(e) = r {
-                                return Some(Fail::Io(Phase::Hold, e).reason());
+                            if let Err(f) = client::send(&mut s.stream, &echo, Phase::Hold).await {
+                                return Some(f.reason());
                             }
                         }
                         continue;
