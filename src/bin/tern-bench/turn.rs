@@ -13,8 +13,10 @@
 //!    the echo gives the round trip.
 //!
 //! Sockets are driven with `recvmmsg`/`sendmmsg` (a batch per wake-up on each allocation socket,
-//! and on the echo peer's thread), so the load generator costs the server-side syscalls it causes
-//! at most, typically far fewer; its CPU share is reported as `bench_cpu_util`.
+//! and on the echo peer's thread), so the load generator makes fewer syscalls than the server. Its
+//! CPU per echo is still about the server's (the kernel's per-datagram work dominates and, on
+//! loopback, the sender pays for delivery; see BENCHMARKS.md), so it is reported as
+//! `bench_cpu_util`.
 //!
 //! Credentials: `--user/--password` (static long-term), or `--secret` (TURN REST API: username
 //! `expiry:user`, password base64(HMAC-SHA1(secret, username)), as Tern and coturn's
@@ -438,6 +440,22 @@ impl Req {
 }
 
 impl Client {
+    fn new(sock: UdpSocket, username: &str, password: &str, request_timeout: Duration) -> Client {
+        Client {
+            sock,
+            auth: Auth {
+                username: username.to_string(),
+                password: password.to_string(),
+                realm: String::new(),
+                nonce: String::new(),
+                // Replaced by the first 401 (`Auth::learn`) before any request carries it.
+                key: LongTermKey::md5("", "", ""),
+            },
+            request_timeout,
+            buf: Vec::with_capacity(256),
+        }
+    }
+
     /// Builds the request: its attributes, then USERNAME/REALM/NONCE/MESSAGE-INTEGRITY once a
     /// nonce is known (RFC 8489 §9.2.3).
     fn build(&mut self, req: &Req, tid: TransactionId) -> Result<(), String> {
@@ -504,11 +522,15 @@ impl Client {
             let a = self.transact(req).await?;
             match a.code {
                 _ if a.success => return Ok(a),
-                Some(code::UNAUTHENTICATED | code::STALE_NONCE)
-                    if self.auth.learn(&a, fixed_realm) =>
+                // A 401 to a request without credentials gives realm and nonce; a 401 to one with
+                // credentials means they are wrong (RFC 8489 §9.2.5), so it is not retried.
+                Some(code::UNAUTHENTICATED)
+                    if self.auth.nonce.is_empty() && self.auth.learn(&a, fixed_realm) =>
                 {
                     continue;
                 }
+                Some(code::STALE_NONCE) if self.auth.learn(&a, fixed_realm) => continue,
+                Some(code::UNAUTHENTICATED) => return Err("error-401-credentials".into()),
                 Some(c) => return Err(format!("error-{c}")),
                 None => return Err("error-without-code".into()),
             }
@@ -551,18 +573,12 @@ async fn allocate(
         .and_then(|()| std_sock.set_nonblocking(true))
         .map_err(|e| format!("connect:{:?}", e.kind()))?;
     let sock = UdpSocket::from_std(std_sock).map_err(|e| format!("socket:{:?}", e.kind()))?;
-    let mut c = Client {
+    let mut c = Client::new(
         sock,
-        auth: Auth {
-            username: username.to_string(),
-            password: password.to_string(),
-            realm: String::new(),
-            nonce: String::new(),
-            key: LongTermKey::md5("", "", ""),
-        },
-        request_timeout: Duration::from_secs_f64(args.request_timeout),
-        buf: Vec::with_capacity(256),
-    };
+        username,
+        password,
+        Duration::from_secs_f64(args.request_timeout),
+    );
     let a = c.request(&Req::Allocate, args.realm.as_deref()).await?;
     let relayed = a.relayed.ok_or("no-relayed-address")?;
     Ok((c, relayed))
@@ -1028,13 +1044,13 @@ async fn orchestrate(args: TurnArgs) -> anyhow::Result<()> {
         server_cpu_secs: server_cpu_secs.map(|c| round(c, 3)),
         server_rss_kib: server.rss_kib(),
     };
-    if report.allocations == 0 {
-        eprintln!("no allocation succeeded: {:?}", report.alloc_failures);
-    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{}", report.table());
+    }
+    if report.allocations == 0 {
+        bail!("no allocation succeeded: {:?}", report.alloc_failures);
     }
     Ok(())
 }
@@ -1230,18 +1246,7 @@ mod tests {
             .unwrap();
         rt.block_on(async {
             let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-            let mut c = Client {
-                sock,
-                auth: Auth {
-                    username: "u".into(),
-                    password: "p".into(),
-                    realm: String::new(),
-                    nonce: String::new(),
-                    key: LongTermKey::md5("", "", ""),
-                },
-                request_timeout: Duration::from_secs(1),
-                buf: Vec::new(),
-            };
+            let mut c = Client::new(sock, "u", "p", Duration::from_secs(1));
             c.build(&Req::Allocate, new_tid()).unwrap();
             assert!(!Message::parse(&c.buf).unwrap().has_integrity());
             let learned = c.auth.learn(
@@ -1259,6 +1264,48 @@ mod tests {
             let m = Message::parse(&c.buf).unwrap();
             assert_eq!(m.text(attr::REALM).unwrap(), Some("r"));
             assert!(m.check_integrity(LongTermKey::md5("u", "r", "p").as_bytes()));
+        });
+    }
+
+    /// A server that answers every request with 401 + REALM + NONCE: the client retries once
+    /// with credentials, then reports them wrong instead of looping (RFC 8489 §9.2.5).
+    #[test]
+    fn a_401_to_credentials_is_not_retried() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let addr = server.local_addr().unwrap();
+            let answers = tokio::spawn(async move {
+                let (mut buf, mut out, mut n) = ([0u8; DGRAM], Vec::new(), 0);
+                while let Ok(Ok((len, from))) =
+                    tokio::time::timeout(Duration::from_secs(2), server.recv_from(&mut buf)).await
+                {
+                    let tid = Message::parse(&buf[..len]).unwrap().transaction_id();
+                    out.clear();
+                    let mut b = MessageBuilder::new(
+                        &mut out,
+                        MessageType::new(Method::ALLOCATE, Class::Error),
+                        tid,
+                    );
+                    b.error_code(401, "Unauthenticated")
+                        .text(attr::REALM, "r")
+                        .text(attr::NONCE, "n");
+                    b.finish().unwrap();
+                    server.send_to(&out, from).await.unwrap();
+                    n += 1;
+                }
+                n
+            });
+            let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            sock.connect(addr).await.unwrap();
+            let mut c = Client::new(sock, "u", "p", Duration::from_secs(1));
+            let r = c.request(&Req::Allocate, None).await;
+            assert_eq!(r.unwrap_err(), "error-401-credentials");
+            drop(c);
+            assert_eq!(answers.await.unwrap(), 2);
         });
     }
 
