@@ -1166,6 +1166,35 @@ pub fn unescape(s: &str) -> String {
 pub const TRICKY_BODY: &str =
     "héllo 👋🏽 世界 日本語 한국어 — <tag attr=\"v\"> & 'quotes' \"double\" ]]> e\u{301} 𝄞";
 
+/// Runs `tern-bench ARGS --json` (bounded to 60 s by [`run_command`]) and parses its report.
+pub fn tern_bench_json(args: &[&str]) -> serde_json::Value {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tern-bench"));
+    cmd.args(args).arg("--json");
+    let out = run_command(cmd, None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "tern-bench failed: {stderr}");
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("report is not JSON ({e}): {stderr}"))
+}
+
+/// The count `report[key]`; panics (showing the report) when it is missing.
+pub fn json_count(report: &serde_json::Value, key: &str) -> u64 {
+    report[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{key} missing or not a count: {report}"))
+}
+
+/// `report[key]` is a `{p50, p99, max}` latency summary, positive and ordered.
+pub fn assert_percentiles(report: &serde_json::Value, key: &str) {
+    let v = &report[key];
+    let (p50, p99, max) = (
+        json_count(v, "p50"),
+        json_count(v, "p99"),
+        json_count(v, "max"),
+    );
+    assert!(0 < p50 && p50 <= p99 && p99 <= max, "{key}: {report}");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -266,7 +266,12 @@ fn child_name(st: &Stanza) -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-async fn send<S: AsyncWrite + Unpin>(s: &mut S, data: &[u8], phase: Phase) -> Result<(), Fail> {
+/// Write `data` and flush.
+pub(crate) async fn send<S: AsyncWrite + Unpin>(
+    s: &mut S,
+    data: &[u8],
+    phase: Phase,
+) -> Result<(), Fail> {
     s.write_all(data).await.map_err(|e| Fail::Io(phase, e))?;
     s.flush().await.map_err(|e| Fail::Io(phase, e))
 }

@@ -487,6 +487,13 @@ pub async fn hold_until<T>(
                     }
                     if st.name() == "message" {
                         counters.record_message(st.raw());
+                        // Scenario `chat`: answer the tool's message at once (crate::chat).
+                        if let Some(echo) = crate::chat::echo_reply(&st) {
+                            drop(st);
+                            if let Err(f) = client::send(&mut s.stream, &echo, Phase::Hold).await {
+                                return Some(f.reason());
+                            }
+                        }
                         continue;
                     }
                     if let Some(reply) = client::ping_reply(&st) {

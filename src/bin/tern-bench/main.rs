@@ -1,11 +1,13 @@
 //! `tern-bench`: Tern's own lightweight XMPP load client.
 //!
 //! One subcommand per scenario: `connect` (logins, idle memory), `push` (HTTP API pushes to
-//! connected clients: throughput and push-to-receive latency) and `storm` (everyone cut off at
-//! once, everyone reconnecting: time until all are back). The client speaks just enough XMPP (TLS,
+//! connected clients: throughput and push-to-receive latency), `storm` (everyone cut off at once,
+//! everyone reconnecting: time until all are back), `chat` (tool-to-endpoint messages) and `turn`
+//! (TURN allocations and relayed packets, against any TURN server). The client speaks just enough XMPP (TLS,
 //! SASL PLAIN, bind, presence, ping replies) and parses with Tern's own stream framer, so that
 //! tens of thousands of sessions fit in one small process. See BENCHMARKS.md for how it is used.
 
+mod chat;
 mod client;
 mod connect;
 mod engine;
@@ -15,6 +17,7 @@ mod progress;
 mod push;
 mod stats;
 mod storm;
+mod turn;
 
 use std::net::SocketAddr;
 
@@ -47,6 +50,12 @@ enum Scenario {
     /// back-off on failure. Reports per cycle the time until 50/90/99/100 % are back, failures,
     /// attempts and the server's peak RSS and CPU.
     Storm(storm::StormArgs),
+    /// Log N endpoints and M tools in; tools send chat messages that endpoints echo; report
+    /// messages/s, round-trip and one-way latency, losses and server CPU/RSS.
+    Chat(chat::ChatArgs),
+    /// Allocate N TURN allocations over UDP (allocations/s, latency), then relay ChannelData (or
+    /// Send indications) through them to a local echo peer; report packets/s, RTT and losses.
+    Turn(turn::TurnArgs),
 }
 
 /// `--workers`: a number or `auto`.
@@ -155,6 +164,8 @@ fn main() -> anyhow::Result<()> {
         Scenario::Connect(args) => connect::main(args),
         Scenario::Push(args) => push::main(args),
         Scenario::Storm(args) => storm::main(args),
+        Scenario::Chat(args) => chat::main(args),
+        Scenario::Turn(args) => turn::main(args),
     }
 }
 

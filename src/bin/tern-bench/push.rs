@@ -268,7 +268,7 @@ pub struct Stamp {
     pub seq: u64,
 }
 
-fn write_stamp(out: &mut Vec<u8>, s: Stamp, pad: usize) {
+pub(crate) fn write_stamp(out: &mut Vec<u8>, s: Stamp, pad: usize) {
     use std::io::Write;
     let _ = write!(out, "t={};s={};n={}", s.sent_ns, s.due_ns, s.seq);
     if pad > 0 {
@@ -287,23 +287,27 @@ fn number(s: &[u8]) -> Option<(u64, &[u8])> {
     Some((v, s.get(n..)?))
 }
 
-/// The stamp in the `<body>` of a raw `<message/>`, if there is one.
-pub fn parse_stamp(raw: &[u8]) -> Option<Stamp> {
+/// The text of the first `<body>` of a raw stanza, as written (still escaped).
+pub(crate) fn body_text(raw: &[u8]) -> Option<&[u8]> {
     let open = memchr::memmem::find(raw, b"<body")?;
     let rest = raw.get(open + 5..)?;
     // `<body>` or `<body attr='…'>`, but not `<bodyx>`.
     if !matches!(rest.first(), Some(b'>' | b' ' | b'\t' | b'\r' | b'\n')) {
         return None;
     }
-    let gt = memchr::memchr(b'>', rest)?;
-    let text = rest.get(gt + 1..)?;
-    let text = text.strip_prefix(b"t=")?;
+    let text = rest.get(memchr::memchr(b'>', rest)? + 1..)?;
+    text.get(..memchr::memmem::find(text, b"</body>")?)
+}
+
+/// The stamp in the `<body>` of a raw `<message/>`, if there is one.
+pub fn parse_stamp(raw: &[u8]) -> Option<Stamp> {
+    let text = body_text(raw)?.strip_prefix(b"t=")?;
     let (sent_ns, text) = number(text)?;
     let text = text.strip_prefix(b";s=")?;
     let (due_ns, text) = number(text)?;
     let text = text.strip_prefix(b";n=")?;
     let (seq, text) = number(text)?;
-    if !matches!(text.first(), Some(b'<' | b';')) {
+    if !matches!(text.first(), None | Some(b';')) {
         return None;
     }
     Some(Stamp {

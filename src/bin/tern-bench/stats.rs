@@ -155,6 +155,75 @@ pub fn sample(pid: u32) -> Option<ProcSample> {
     })
 }
 
+/// `{p50, p99, max}` of a histogram: the compact latency summary of the `chat` and `turn` reports.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Percentiles {
+    pub p50: u64,
+    pub p99: u64,
+    pub max: u64,
+}
+
+impl From<&Histogram> for Percentiles {
+    fn from(h: &Histogram) -> Self {
+        Percentiles {
+            p50: h.quantile(0.5),
+            p99: h.quantile(0.99),
+            max: h.max(),
+        }
+    }
+}
+
+/// The server under test (`--server-pid`) over one measured window: CPU time since the window
+/// started and the peak RSS seen by [`ServerMeter::sample`].
+#[derive(Debug, Default)]
+pub struct ServerMeter {
+    pid: Option<u32>,
+    start_cpu_ms: u64,
+    pub peak_rss_kib: u64,
+}
+
+impl ServerMeter {
+    /// Fails when a PID is given but its `/proc` entries cannot be read (wrong PID, other user).
+    pub fn new(pid: Option<u32>) -> anyhow::Result<ServerMeter> {
+        let mut m = ServerMeter {
+            pid,
+            ..ServerMeter::default()
+        };
+        if let Some(p) = pid {
+            let s = sample(p)
+                .ok_or_else(|| anyhow::anyhow!("cannot read /proc/{p}/status and stat"))?;
+            m.start_cpu_ms = s.cpu_ms;
+            m.peak_rss_kib = s.rss_kib;
+        }
+        Ok(m)
+    }
+
+    /// Starts a new window: CPU is counted from now, the peak RSS restarts.
+    pub fn restart(&mut self) {
+        self.peak_rss_kib = 0;
+        if let Some(s) = self.sample() {
+            self.start_cpu_ms = s.cpu_ms;
+        }
+    }
+
+    pub fn sample(&mut self) -> Option<ProcSample> {
+        let s = sample(self.pid?)?;
+        self.peak_rss_kib = self.peak_rss_kib.max(s.rss_kib);
+        Some(s)
+    }
+
+    /// Server CPU seconds since the window started (`None` without `--server-pid`).
+    pub fn cpu_secs(&mut self) -> Option<f64> {
+        let s = self.sample()?;
+        Some(s.cpu_ms.saturating_sub(self.start_cpu_ms) as f64 / 1000.0)
+    }
+
+    /// Peak RSS of the window (`None` without `--server-pid`).
+    pub fn rss_kib(&self) -> Option<u64> {
+        self.pid.map(|_| self.peak_rss_kib)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
