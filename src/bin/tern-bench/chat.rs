@@ -160,6 +160,8 @@ impl ChatArgs {
             threads: self.threads,
             worker_index: self.worker_index,
             worker_count: self.worker_count,
+            progress: false,
+            plot: None,
         }
     }
 
@@ -206,7 +208,7 @@ pub fn main(args: ChatArgs) -> anyhow::Result<()> {
     let conn = args.endpoint_args();
     let nofile = net::raise_nofile();
     let workers = match (args.worker_index, args.worker_count) {
-        (Some(index), Some(count)) => return connect::run_worker(conn, index, count),
+        (Some(index), Some(count)) => return connect::run_worker(conn, index, count, None),
         (None, None) => args
             .workers
             .0
@@ -466,7 +468,7 @@ async fn orchestrate(args: ChatArgs, conn: ConnectArgs, workers: u64) -> anyhow:
     let mut server = ServerMeter::new(args.server_pid)?;
 
     // 1. Endpoints (fleet, maybe in workers) and tools (here) log in concurrently.
-    let fleet = Fleet::start(&conn, workers, deadline)?;
+    let fleet = Fleet::start(&conn, workers, deadline, None)?;
     let (tools, mut login_failures) = login_tools(&args).await?;
     let mut timed_out = false;
     loop {

@@ -491,7 +491,7 @@ pub async fn hold_until<T>(
                         if let Some(echo) = crate::chat::echo_reply(&st) {
                             drop(st);
                             if let Err(f) = client::send(&mut s.stream, &echo, Phase::Hold).await {
-                                return Some(f.reason());
+                                return Err(f.reason());
                             }
                         }
                         continue;
