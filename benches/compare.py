@@ -86,6 +86,8 @@ ROWS = [
      lambda r: get(r, "alloc_latency_us", "p99")),
     ("TURN relayed pkt/s", True, "turn", TURN, lambda r: r.get("relayed_pps")),
     ("TURN relayed Mbit/s", True, "turn", TURN, lambda r: r.get("mbit_per_sec")),
+    ("TURN server CPU µs/relayed pkt", False, "turn", TURN,
+     lambda r: div(r.get("server_cpu_secs"), 2 * (r.get("received") or 0), 1e6)),
     ("TURN RTT p99, µs", False, "turn", TURN, lambda r: get(r, "rtt_us", "p99")),
     ("TURN lost", False, "turn", TURN, lambda r: r.get("lost")),
     ("TURN KiB/allocation", False, "turn", TURN, kib_per_alloc),

@@ -31,8 +31,9 @@
 # Environment: SERVERS ("tern ejabberd prosody coturn") SCENARIOS ("connect idle storm push chat
 #   turn") RUNS (3) USERS (10000) CONCURRENCY (200) HOLD (8) SETTLE (5) IDLE_USERS (19000)
 #   IDLE_HOLD (20) IDLE_SETTLE (10) STORM_USERS ($USERS) STORM_ARGS ("") PUSH_USERS ($USERS)
-#   PUSH_RATE (0) PUSH_CONNS (32) PUSH_DURATION (10) PUSH_DRAIN (5) CHAT_USERS (1000)
-#   CHAT_DURATION (10) CHAT_ARGS ("--users $CHAT_USERS --duration $CHAT_DURATION") TURN_ALLOCS (500)
+#   PUSH_RATE (0) PUSH_CONNS (32) PUSH_DURATION (10) PUSH_DRAIN (5) CHAT_ENDPOINTS (1000)
+#   CHAT_TOOLS (20) CHAT_DURATION (10) CHAT_ARGS (tools bench-0.., endpoints after them, window 16
+#   per tool, as fast as the echoes come back) TURN_ALLOCS (500)
 #   TURN_PAYLOAD (100) TURN_RATE (20000) TURN_DURATION (10) TURN_ARGS ("") SERVER_CPU (0)
 #   BENCH_CPU (1) NICE (0; see benches/lib.sh) STEP_TIMEOUT (600 s per tern-bench run at most)
 #   TIME_LIMIT (7200 s for the whole script) OUT (target/bench-compare/<timestamp>) BUILD (1)
@@ -60,9 +61,14 @@ PUSH_RATE=${PUSH_RATE:-0}
 PUSH_CONNS=${PUSH_CONNS:-32}
 PUSH_DURATION=${PUSH_DURATION:-10}
 PUSH_DRAIN=${PUSH_DRAIN:-5}
-CHAT_USERS=${CHAT_USERS:-1000}
+CHAT_ENDPOINTS=${CHAT_ENDPOINTS:-1000}
+CHAT_TOOLS=${CHAT_TOOLS:-20}
+CHAT_USERS=$((CHAT_TOOLS + CHAT_ENDPOINTS)) # accounts bench-0.. : the tools first, then endpoints
 CHAT_DURATION=${CHAT_DURATION:-10}
-CHAT_ARGS=${CHAT_ARGS:---users $CHAT_USERS --duration $CHAT_DURATION}
+if [[ -z "${CHAT_ARGS:-}" ]]; then
+    CHAT_ARGS="--tools $CHAT_TOOLS --tool-pattern bench-{i} --endpoints $CHAT_ENDPOINTS"
+    CHAT_ARGS+=" --first-endpoint $CHAT_TOOLS --rate 0 --window 16 --duration $CHAT_DURATION"
+fi
 TURN_ALLOCS=${TURN_ALLOCS:-500}
 TURN_PAYLOAD=${TURN_PAYLOAD:-100}
 TURN_RATE=${TURN_RATE:-20000}

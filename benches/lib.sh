@@ -86,6 +86,8 @@ device_secret = "$BENCH_TERN_SECRET"
 
 [limits]
 max_connections_per_ip = 0
+# Unthrottled, like the peers' benchmark configs (ejabberd without shapers).
+inbound_bytes_per_sec = 0
 
 [log]
 level = "warn"

@@ -179,8 +179,13 @@ impl ChatArgs {
         if self.endpoints == 0 || self.tools == 0 {
             bail!("--endpoints and --tools must be at least 1");
         }
-        if self.endpoint_pattern == self.tool_pattern {
-            bail!("--endpoint-pattern and --tool-pattern must differ");
+        // One pattern may serve both (peers with accounts bench-0..N) when the ranges do not
+        // overlap: tools are 0..tools, endpoints start at --first-endpoint.
+        if self.endpoint_pattern == self.tool_pattern && self.first_endpoint < self.tools {
+            bail!(
+                "--tool-pattern equals --endpoint-pattern: give them different patterns, or \
+                 --first-endpoint at least --tools so tools and endpoints are different users"
+            );
         }
         if !(self.rate >= 0.0 && self.rate.is_finite()) {
             bail!("--rate must be a non-negative number");
