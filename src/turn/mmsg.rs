@@ -65,16 +65,11 @@ impl RecvBufs {
                 iov_base: unsafe { base.add(i * self.slot_len) }.cast(),
                 iov_len: self.slot_len,
             });
-            // SAFETY: msghdr is plain old data; all-zero is a valid value.
-            let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
-            hdr.msg_name = names[i].as_mut_ptr().cast();
-            hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-            hdr.msg_iov = iovs[i].as_mut_ptr();
-            hdr.msg_iovlen = 1;
-            msgs[i].write(libc::mmsghdr {
-                msg_hdr: hdr,
-                msg_len: 0,
-            });
+            msgs[i].write(header(
+                names[i].as_mut_ptr().cast(),
+                size_of::<libc::sockaddr_storage>() as libc::socklen_t,
+                iovs[i].as_mut_ptr(),
+            ));
         }
         // SAFETY: every header points at live buffers of the stated sizes.
         let n = unsafe {
@@ -103,6 +98,24 @@ impl RecvBufs {
             }
         }
         Ok(n == slots)
+    }
+}
+
+/// A one-buffer message header for `recvmmsg`/`sendmmsg`.
+fn header(
+    name: *mut libc::c_void,
+    namelen: libc::socklen_t,
+    iov: *mut libc::iovec,
+) -> libc::mmsghdr {
+    // SAFETY: msghdr is plain old data; all-zero is a valid value.
+    let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
+    hdr.msg_name = name;
+    hdr.msg_namelen = namelen;
+    hdr.msg_iov = iov;
+    hdr.msg_iovlen = 1;
+    libc::mmsghdr {
+        msg_hdr: hdr,
+        msg_len: 0,
     }
 }
 
@@ -218,16 +231,11 @@ impl SendQueue {
                 iov_base: self.data[bytes.clone()].as_ptr().cast_mut().cast(),
                 iov_len: bytes.len(),
             });
-            // SAFETY: msghdr is plain old data; all-zero is a valid value.
-            let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
-            hdr.msg_name = self.names[i].as_ptr().cast_mut().cast();
-            hdr.msg_namelen = self.names[i].len();
-            hdr.msg_iov = iovs[i].as_mut_ptr();
-            hdr.msg_iovlen = 1;
-            msgs[i].write(libc::mmsghdr {
-                msg_hdr: hdr,
-                msg_len: 0,
-            });
+            msgs[i].write(header(
+                self.names[i].as_ptr().cast_mut().cast(),
+                self.names[i].len(),
+                iovs[i].as_mut_ptr(),
+            ));
         }
         // SAFETY: the first `count` headers point at live buffers and addresses of the stated
         // sizes; the kernel only reads them.
