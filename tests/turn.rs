@@ -2119,174 +2119,6 @@ async fn bench_relay() {
 // e'. XEP-0215 with tokio-xmpp as the XMPP client
 // ---------------------------------------------------------------------------------------------
 
-mod tokio_xmpp_client {
-    //! The smallest tokio-xmpp login that trusts the test certificate (see tests/tokio_xmpp.rs for
-    //! why tokio-xmpp's own connectors cannot be used): direct TLS, SASL by tokio-xmpp, resource
-    //! binding by its `StanzaStream`.
-
-    use std::borrow::Cow;
-    use std::sync::{Arc, Mutex};
-
-    use futures::StreamExt;
-    use tokio::io::BufStream;
-    use tokio::net::TcpStream;
-    use tokio::sync::oneshot;
-    use tokio_xmpp::Stanza;
-    use tokio_xmpp::client_login;
-    use tokio_xmpp::jid::Jid;
-    use tokio_xmpp::parsers::iq::Iq;
-    use tokio_xmpp::parsers::ns;
-    use tokio_xmpp::parsers::stream_features::StreamFeatures;
-    use tokio_xmpp::stanzastream::{
-        Connection, Event, StanzaStage, StanzaState, StanzaStream, StreamEvent,
-    };
-    use tokio_xmpp::xmlstream::{
-        FallibleStreamElement, StreamHeader, Timeouts, XmppStream, initiate_stream,
-    };
-
-    use super::common::{DOMAIN, STEP, TestServer};
-
-    type TlsIo = BufStream<tokio_rustls::client::TlsStream<TcpStream>>;
-
-    fn default_third_arg<A, B, C: Default, R>(_f: &impl Fn(A, B, C) -> R) -> C {
-        C::default()
-    }
-
-    fn header() -> StreamHeader<'static> {
-        StreamHeader {
-            to: Some(Cow::Borrowed(DOMAIN)),
-            from: None,
-            id: None,
-        }
-    }
-
-    async fn establish(
-        addr: std::net::SocketAddr,
-        tls: Arc<tokio_rustls::rustls::ClientConfig>,
-        jid: Jid,
-        password: String,
-    ) -> Result<Connection, String> {
-        let tcp = TcpStream::connect(addr)
-            .await
-            .map_err(|e| format!("connect {addr}: {e}"))?;
-        let name = tokio_rustls::rustls::pki_types::ServerName::try_from(DOMAIN).unwrap();
-        let tls_stream = tokio_rustls::TlsConnector::from(tls)
-            .connect(name, tcp)
-            .await
-            .map_err(|e| format!("TLS handshake: {e}"))?;
-        let pending = initiate_stream(
-            BufStream::new(tls_stream),
-            ns::JABBER_CLIENT,
-            header(),
-            Timeouts::tight(),
-        )
-        .await
-        .map_err(|e| format!("stream header: {e}"))?;
-        let (features, stream): (StreamFeatures, XmppStream<TlsIo>) = pending
-            .recv_features::<FallibleStreamElement>()
-            .await
-            .map_err(|e| format!("features: {e}"))?;
-        let creds = default_third_arg(&client_login::<TlsIo>)
-            .with_username(jid.node().expect("JID with a localpart").as_str())
-            .with_password(password);
-        let stream = client_login(stream, features.sasl_mechanisms.clone(), creds)
-            .await
-            .map_err(|e| format!("SASL: {e}"))?;
-        let pending = stream
-            .send_header(header())
-            .await
-            .map_err(|e| format!("stream restart: {e}"))?;
-        let (features, stream): (StreamFeatures, XmppStream<TlsIo>) = pending
-            .recv_features::<FallibleStreamElement>()
-            .await
-            .map_err(|e| format!("features after SASL: {e}"))?;
-        Ok(Connection {
-            stream: stream.box_stream(),
-            features,
-            identity: jid,
-        })
-    }
-
-    /// A logged-in, bound tokio-xmpp stream.
-    pub struct Xmpp {
-        stream: StanzaStream,
-    }
-
-    impl Xmpp {
-        pub async fn login(server: &TestServer, jid: &str, password: &str) -> Xmpp {
-            let jid = Jid::new(jid).unwrap();
-            let tls = server.tls_client_config();
-            let addr = server.tls_addr;
-            let errors: Arc<Mutex<Vec<String>>> = Arc::default();
-            let password = password.to_string();
-            let mut attempts = 0;
-            let connector = {
-                let errors = errors.clone();
-                Box::new(
-                    move |_location: Option<String>, slot: oneshot::Sender<Connection>| {
-                        attempts += 1;
-                        if attempts > 1 {
-                            return; // no reconnects: dropping the slot ends the stream
-                        }
-                        let (tls, jid, password, errors) =
-                            (tls.clone(), jid.clone(), password.clone(), errors.clone());
-                        tokio::spawn(async move {
-                            match establish(addr, tls, jid, password).await {
-                                Ok(conn) => {
-                                    let _ = slot.send(conn);
-                                }
-                                Err(e) => errors.lock().unwrap().push(e),
-                            }
-                        });
-                    },
-                )
-            };
-            let mut stream = StanzaStream::new(connector, 16);
-            let bound = tokio::time::timeout(STEP, async {
-                while let Some(event) = stream.next().await {
-                    if let Event::Stream(StreamEvent::Reset { .. }) = event {
-                        return true;
-                    }
-                }
-                false
-            })
-            .await;
-            assert!(
-                matches!(bound, Ok(true)),
-                "tokio-xmpp login failed: {:?}",
-                errors.lock().unwrap()
-            );
-            Xmpp { stream }
-        }
-
-        /// Sends an iq and returns the response with its id.
-        pub async fn request(&mut self, iq: Iq) -> Iq {
-            let id = iq.id().to_string();
-            let mut token = self.stream.send(Box::new(Stanza::Iq(iq))).await;
-            match tokio::time::timeout(STEP, token.wait_for(StanzaStage::Sent)).await {
-                Ok(Some(StanzaState::Sent { .. })) | Ok(Some(StanzaState::Acked { .. })) => {}
-                other => panic!("iq {id} not sent: {other:?}"),
-            }
-            let deadline = tokio::time::Instant::now() + STEP;
-            loop {
-                match tokio::time::timeout_at(deadline, self.stream.next()).await {
-                    Ok(Some(Event::Stanza(Stanza::Iq(answer)))) if answer.id() == id => {
-                        return answer;
-                    }
-                    Ok(Some(_)) => {}
-                    Ok(None) => panic!("stream ended while waiting for iq {id}"),
-                    Err(_) => panic!("no answer to iq {id} within {STEP:?}"),
-                }
-            }
-        }
-
-        pub async fn close(self) {
-            let _ =
-                tokio::time::timeout(std::time::Duration::from_secs(10), self.stream.close()).await;
-        }
-    }
-}
-
 /// "A tokio-xmpp client gets TURN credentials over XEP-0215 and allocates with them."
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokio_xmpp_client_gets_turn_credentials_and_allocates() {
@@ -2297,8 +2129,15 @@ async fn tokio_xmpp_client_gets_turn_credentials_and_allocates() {
 
     let (server, turn_addr) = start_turn("allow_peers = [\"127.0.0.0/8\"]");
     let bare = format!("tokio-turn@{DOMAIN}");
-    let mut x =
-        tokio_xmpp_client::Xmpp::login(&server, &bare, &server.device_password(&bare)).await;
+    let password = server.device_password(&bare);
+    let mut x = common::xmpp_client::login(
+        &server,
+        Transport::DirectTls,
+        &bare,
+        &password,
+        common::xmpp_client::Mech::Best,
+    )
+    .await;
     let domain = Jid::new(DOMAIN).unwrap();
 
     let answer = x
