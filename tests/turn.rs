@@ -1615,6 +1615,120 @@ async fn udp_send_indication_and_channel_data_relay() {
     task.abort();
 }
 
+/// A UDP peer that only counts: every datagram's payload is reported on the returned channel.
+async fn sink_peer(
+    ip: IpAddr,
+) -> (
+    SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let socket = UdpSocket::bind((ip, 0)).await.expect("bind sink peer");
+    let addr = socket.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        let mut buf = vec![0u8; 65536];
+        while let Ok((n, _)) = socket.recv_from(&mut buf).await {
+            let _ = tx.send(buf[..n].to_vec());
+        }
+    });
+    (addr, rx, task)
+}
+
+/// What [`relay_burst`] saw: payload bytes sent and received, and the time from the first send
+/// to the arrival of the last marker.
+struct Burst {
+    sent: u64,
+    received: u64,
+    elapsed: Duration,
+}
+
+/// Relays `groups` × `per_group` ChannelData payloads of `size` bytes through a fresh allocation
+/// on `turn_addr` to a sink peer. After each group, one-byte markers are sent until one arrives:
+/// datagrams of one flow arrive in order on loopback, so by then everything of the group the
+/// server relayed has arrived, and at most one group is in flight (no socket buffer overflows).
+async fn relay_burst(turn_addr: SocketAddr, groups: usize, per_group: usize, size: usize) -> Burst {
+    const CHANNEL: u16 = 0x4321;
+    const MARKER: u8 = 0xff;
+    let (peer, mut rx, task) = sink_peer(IpAddr::V4(Ipv4Addr::LOCALHOST)).await;
+    let mut c = Client::udp(turn_addr).await;
+    c.allocate_ok(USER, PASS).await;
+    assert_success(&c.channel_bind(CHANNEL, peer).await, "ChannelBind");
+    let payload = vec![0u8; size];
+    let (mut sent, mut received) = (0u64, 0u64);
+    let t0 = Instant::now();
+    for group in 0..groups {
+        for _ in 0..per_group {
+            c.send_channel(CHANNEL, &payload).await;
+            sent += size as u64;
+        }
+        let deadline = tokio::time::Instant::now() + STEP;
+        'marker: loop {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no marker arrived after group {group}"
+            );
+            c.send_channel(CHANNEL, &[MARKER]).await;
+            // A pace for resending markers the cap dropped, not a limit of the test.
+            let pace = tokio::time::Instant::now() + Duration::from_millis(20);
+            while let Ok(Some(p)) = tokio::time::timeout_at(pace, rx.recv()).await {
+                if p == [MARKER] {
+                    break 'marker;
+                }
+                assert_eq!(p.len(), size, "only whole payloads arrive");
+                received += p.len() as u64;
+            }
+        }
+    }
+    let elapsed = t0.elapsed();
+    task.abort();
+    Burst {
+        sent,
+        received,
+        elapsed,
+    }
+}
+
+/// `max_bandwidth_bytes_per_sec` caps what an allocation relays: a burst far beyond the cap
+/// gets through only up to the token bucket (one second of traffic, but at least two maximal
+/// datagrams, 131,072 bytes) plus what refills at the cap during the burst; uncapped, everything
+/// passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bandwidth_cap_limits_a_relayed_burst() {
+    const RATE: u64 = 20_000;
+    const BUCKET: u64 = 131_072;
+    const SIZE: usize = 1000;
+    let (_server, turn_addr) = start_turn(&format!(
+        "allow_peers = [\"127.0.0.0/8\"]\nmax_bandwidth_bytes_per_sec = {RATE}"
+    ));
+    let capped = relay_burst(turn_addr, 12, 50, SIZE).await;
+    let refill = RATE as f64 * capped.elapsed.as_secs_f64();
+    eprintln!(
+        "capped at {RATE} B/s: {} of {} bytes relayed in {:?}",
+        capped.received, capped.sent, capped.elapsed
+    );
+    assert!(
+        capped.received as f64 <= BUCKET as f64 + refill + SIZE as f64,
+        "{} bytes passed a cap of {BUCKET} + {refill:.0} bytes",
+        capped.received
+    );
+    // The full bucket passes (losses on loopback aside), and the burst is clearly cut.
+    assert!(
+        capped.received >= BUCKET * 3 / 4,
+        "only {} bytes relayed",
+        capped.received
+    );
+    assert!(capped.received < capped.sent / 2);
+
+    let (_server, turn_addr) =
+        start_turn("allow_peers = [\"127.0.0.0/8\"]\nmax_bandwidth_bytes_per_sec = 0");
+    let uncapped = relay_burst(turn_addr, 12, 50, SIZE).await;
+    assert_eq!(
+        uncapped.received, uncapped.sent,
+        "uncapped, everything passes"
+    );
+}
+
 /// Data from a peer without a permission is dropped (RFC 8656 §9).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peer_without_permission_is_dropped() {
