@@ -122,14 +122,29 @@ async fn echo_peer(
     tokio::sync::mpsc::UnboundedReceiver<(SocketAddr, Vec<u8>)>,
     tokio::task::JoinHandle<()>,
 ) {
-    let socket = UdpSocket::bind((ip, 0)).await.expect("bind echo peer");
+    udp_peer(ip, true).await
+}
+
+/// A UDP peer on `ip` that reports every datagram (source, payload) on the returned channel and,
+/// with `echo`, sends it back.
+async fn udp_peer(
+    ip: IpAddr,
+    echo: bool,
+) -> (
+    SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<(SocketAddr, Vec<u8>)>,
+    tokio::task::JoinHandle<()>,
+) {
+    let socket = UdpSocket::bind((ip, 0)).await.expect("bind UDP peer");
     let addr = socket.local_addr().unwrap();
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let task = tokio::spawn(async move {
         let mut buf = vec![0u8; 65536];
         while let Ok((n, from)) = socket.recv_from(&mut buf).await {
             let _ = tx.send((from, buf[..n].to_vec()));
-            let _ = socket.send_to(&buf[..n], from).await;
+            if echo {
+                let _ = socket.send_to(&buf[..n], from).await;
+            }
         }
     });
     (addr, rx, task)
@@ -1615,26 +1630,6 @@ async fn udp_send_indication_and_channel_data_relay() {
     task.abort();
 }
 
-/// A UDP peer that only counts: every datagram's payload is reported on the returned channel.
-async fn sink_peer(
-    ip: IpAddr,
-) -> (
-    SocketAddr,
-    tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
-    tokio::task::JoinHandle<()>,
-) {
-    let socket = UdpSocket::bind((ip, 0)).await.expect("bind sink peer");
-    let addr = socket.local_addr().unwrap();
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let task = tokio::spawn(async move {
-        let mut buf = vec![0u8; 65536];
-        while let Ok((n, _)) = socket.recv_from(&mut buf).await {
-            let _ = tx.send(buf[..n].to_vec());
-        }
-    });
-    (addr, rx, task)
-}
-
 /// What [`relay_burst`] saw: payload bytes sent and received, and the time from the first send
 /// to the arrival of the last marker.
 struct Burst {
@@ -1650,7 +1645,7 @@ struct Burst {
 async fn relay_burst(turn_addr: SocketAddr, groups: usize, per_group: usize, size: usize) -> Burst {
     const CHANNEL: u16 = 0x4321;
     const MARKER: u8 = 0xff;
-    let (peer, mut rx, task) = sink_peer(IpAddr::V4(Ipv4Addr::LOCALHOST)).await;
+    let (peer, mut rx, task) = udp_peer(IpAddr::V4(Ipv4Addr::LOCALHOST), false).await;
     let mut c = Client::udp(turn_addr).await;
     c.allocate_ok(USER, PASS).await;
     assert_success(&c.channel_bind(CHANNEL, peer).await, "ChannelBind");
@@ -1671,7 +1666,7 @@ async fn relay_burst(turn_addr: SocketAddr, groups: usize, per_group: usize, siz
             c.send_channel(CHANNEL, &[MARKER]).await;
             // A pace for resending markers the cap dropped, not a limit of the test.
             let pace = tokio::time::Instant::now() + Duration::from_millis(20);
-            while let Ok(Some(p)) = tokio::time::timeout_at(pace, rx.recv()).await {
+            while let Ok(Some((_, p))) = tokio::time::timeout_at(pace, rx.recv()).await {
                 if p == [MARKER] {
                     break 'marker;
                 }
