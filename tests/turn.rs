@@ -122,14 +122,29 @@ async fn echo_peer(
     tokio::sync::mpsc::UnboundedReceiver<(SocketAddr, Vec<u8>)>,
     tokio::task::JoinHandle<()>,
 ) {
-    let socket = UdpSocket::bind((ip, 0)).await.expect("bind echo peer");
+    udp_peer(ip, true).await
+}
+
+/// A UDP peer on `ip` that reports every datagram (source, payload) on the returned channel and,
+/// with `echo`, sends it back.
+async fn udp_peer(
+    ip: IpAddr,
+    echo: bool,
+) -> (
+    SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<(SocketAddr, Vec<u8>)>,
+    tokio::task::JoinHandle<()>,
+) {
+    let socket = UdpSocket::bind((ip, 0)).await.expect("bind UDP peer");
     let addr = socket.local_addr().unwrap();
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let task = tokio::spawn(async move {
         let mut buf = vec![0u8; 65536];
         while let Ok((n, from)) = socket.recv_from(&mut buf).await {
             let _ = tx.send((from, buf[..n].to_vec()));
-            let _ = socket.send_to(&buf[..n], from).await;
+            if echo {
+                let _ = socket.send_to(&buf[..n], from).await;
+            }
         }
     });
     (addr, rx, task)
@@ -1615,6 +1630,100 @@ async fn udp_send_indication_and_channel_data_relay() {
     task.abort();
 }
 
+/// What [`relay_burst`] saw: payload bytes sent and received, and the time from the first send
+/// to the arrival of the last marker.
+struct Burst {
+    sent: u64,
+    received: u64,
+    elapsed: Duration,
+}
+
+/// Relays `groups` × `per_group` ChannelData payloads of `size` bytes through a fresh allocation
+/// on `turn_addr` to a sink peer. After each group, one-byte markers are sent until one arrives:
+/// datagrams of one flow arrive in order on loopback, so by then everything of the group the
+/// server relayed has arrived, and at most one group is in flight (no socket buffer overflows).
+async fn relay_burst(turn_addr: SocketAddr, groups: usize, per_group: usize, size: usize) -> Burst {
+    const CHANNEL: u16 = 0x4321;
+    const MARKER: u8 = 0xff;
+    let (peer, mut rx, task) = udp_peer(IpAddr::V4(Ipv4Addr::LOCALHOST), false).await;
+    let mut c = Client::udp(turn_addr).await;
+    c.allocate_ok(USER, PASS).await;
+    assert_success(&c.channel_bind(CHANNEL, peer).await, "ChannelBind");
+    let payload = vec![0u8; size];
+    let (mut sent, mut received) = (0u64, 0u64);
+    let t0 = Instant::now();
+    for group in 0..groups {
+        for _ in 0..per_group {
+            c.send_channel(CHANNEL, &payload).await;
+            sent += size as u64;
+        }
+        let deadline = tokio::time::Instant::now() + STEP;
+        'marker: loop {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no marker arrived after group {group}"
+            );
+            c.send_channel(CHANNEL, &[MARKER]).await;
+            // A pace for resending markers the cap dropped, not a limit of the test.
+            let pace = tokio::time::Instant::now() + Duration::from_millis(20);
+            while let Ok(Some((_, p))) = tokio::time::timeout_at(pace, rx.recv()).await {
+                if p == [MARKER] {
+                    break 'marker;
+                }
+                assert_eq!(p.len(), size, "only whole payloads arrive");
+                received += p.len() as u64;
+            }
+        }
+    }
+    let elapsed = t0.elapsed();
+    task.abort();
+    Burst {
+        sent,
+        received,
+        elapsed,
+    }
+}
+
+/// `max_bandwidth_bytes_per_sec` caps what an allocation relays: a burst far beyond the cap
+/// gets through only up to the token bucket (one second of traffic, but at least two maximal
+/// datagrams, 131,072 bytes) plus what refills at the cap during the burst; uncapped, everything
+/// passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bandwidth_cap_limits_a_relayed_burst() {
+    const RATE: u64 = 20_000;
+    const BUCKET: u64 = 131_072;
+    const SIZE: usize = 1000;
+    let (_server, turn_addr) = start_turn(&format!(
+        "allow_peers = [\"127.0.0.0/8\"]\nmax_bandwidth_bytes_per_sec = {RATE}"
+    ));
+    let capped = relay_burst(turn_addr, 12, 50, SIZE).await;
+    let refill = RATE as f64 * capped.elapsed.as_secs_f64();
+    eprintln!(
+        "capped at {RATE} B/s: {} of {} bytes relayed in {:?}",
+        capped.received, capped.sent, capped.elapsed
+    );
+    assert!(
+        capped.received as f64 <= BUCKET as f64 + refill + SIZE as f64,
+        "{} bytes passed a cap of {BUCKET} + {refill:.0} bytes",
+        capped.received
+    );
+    // The full bucket passes (losses on loopback aside), and the burst is clearly cut.
+    assert!(
+        capped.received >= BUCKET * 3 / 4,
+        "only {} bytes relayed",
+        capped.received
+    );
+    assert!(capped.received < capped.sent / 2);
+
+    let (_server, turn_addr) =
+        start_turn("allow_peers = [\"127.0.0.0/8\"]\nmax_bandwidth_bytes_per_sec = 0");
+    let uncapped = relay_burst(turn_addr, 12, 50, SIZE).await;
+    assert_eq!(
+        uncapped.received, uncapped.sent,
+        "uncapped, everything passes"
+    );
+}
+
 /// Data from a peer without a permission is dropped (RFC 8656 §9).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peer_without_permission_is_dropped() {
@@ -2119,174 +2228,6 @@ async fn bench_relay() {
 // e'. XEP-0215 with tokio-xmpp as the XMPP client
 // ---------------------------------------------------------------------------------------------
 
-mod tokio_xmpp_client {
-    //! The smallest tokio-xmpp login that trusts the test certificate (see tests/tokio_xmpp.rs for
-    //! why tokio-xmpp's own connectors cannot be used): direct TLS, SASL by tokio-xmpp, resource
-    //! binding by its `StanzaStream`.
-
-    use std::borrow::Cow;
-    use std::sync::{Arc, Mutex};
-
-    use futures::StreamExt;
-    use tokio::io::BufStream;
-    use tokio::net::TcpStream;
-    use tokio::sync::oneshot;
-    use tokio_xmpp::Stanza;
-    use tokio_xmpp::client_login;
-    use tokio_xmpp::jid::Jid;
-    use tokio_xmpp::parsers::iq::Iq;
-    use tokio_xmpp::parsers::ns;
-    use tokio_xmpp::parsers::stream_features::StreamFeatures;
-    use tokio_xmpp::stanzastream::{
-        Connection, Event, StanzaStage, StanzaState, StanzaStream, StreamEvent,
-    };
-    use tokio_xmpp::xmlstream::{
-        FallibleStreamElement, StreamHeader, Timeouts, XmppStream, initiate_stream,
-    };
-
-    use super::common::{DOMAIN, STEP, TestServer};
-
-    type TlsIo = BufStream<tokio_rustls::client::TlsStream<TcpStream>>;
-
-    fn default_third_arg<A, B, C: Default, R>(_f: &impl Fn(A, B, C) -> R) -> C {
-        C::default()
-    }
-
-    fn header() -> StreamHeader<'static> {
-        StreamHeader {
-            to: Some(Cow::Borrowed(DOMAIN)),
-            from: None,
-            id: None,
-        }
-    }
-
-    async fn establish(
-        addr: std::net::SocketAddr,
-        tls: Arc<tokio_rustls::rustls::ClientConfig>,
-        jid: Jid,
-        password: String,
-    ) -> Result<Connection, String> {
-        let tcp = TcpStream::connect(addr)
-            .await
-            .map_err(|e| format!("connect {addr}: {e}"))?;
-        let name = tokio_rustls::rustls::pki_types::ServerName::try_from(DOMAIN).unwrap();
-        let tls_stream = tokio_rustls::TlsConnector::from(tls)
-            .connect(name, tcp)
-            .await
-            .map_err(|e| format!("TLS handshake: {e}"))?;
-        let pending = initiate_stream(
-            BufStream::new(tls_stream),
-            ns::JABBER_CLIENT,
-            header(),
-            Timeouts::tight(),
-        )
-        .await
-        .map_err(|e| format!("stream header: {e}"))?;
-        let (features, stream): (StreamFeatures, XmppStream<TlsIo>) = pending
-            .recv_features::<FallibleStreamElement>()
-            .await
-            .map_err(|e| format!("features: {e}"))?;
-        let creds = default_third_arg(&client_login::<TlsIo>)
-            .with_username(jid.node().expect("JID with a localpart").as_str())
-            .with_password(password);
-        let stream = client_login(stream, features.sasl_mechanisms.clone(), creds)
-            .await
-            .map_err(|e| format!("SASL: {e}"))?;
-        let pending = stream
-            .send_header(header())
-            .await
-            .map_err(|e| format!("stream restart: {e}"))?;
-        let (features, stream): (StreamFeatures, XmppStream<TlsIo>) = pending
-            .recv_features::<FallibleStreamElement>()
-            .await
-            .map_err(|e| format!("features after SASL: {e}"))?;
-        Ok(Connection {
-            stream: stream.box_stream(),
-            features,
-            identity: jid,
-        })
-    }
-
-    /// A logged-in, bound tokio-xmpp stream.
-    pub struct Xmpp {
-        stream: StanzaStream,
-    }
-
-    impl Xmpp {
-        pub async fn login(server: &TestServer, jid: &str, password: &str) -> Xmpp {
-            let jid = Jid::new(jid).unwrap();
-            let tls = server.tls_client_config();
-            let addr = server.tls_addr;
-            let errors: Arc<Mutex<Vec<String>>> = Arc::default();
-            let password = password.to_string();
-            let mut attempts = 0;
-            let connector = {
-                let errors = errors.clone();
-                Box::new(
-                    move |_location: Option<String>, slot: oneshot::Sender<Connection>| {
-                        attempts += 1;
-                        if attempts > 1 {
-                            return; // no reconnects: dropping the slot ends the stream
-                        }
-                        let (tls, jid, password, errors) =
-                            (tls.clone(), jid.clone(), password.clone(), errors.clone());
-                        tokio::spawn(async move {
-                            match establish(addr, tls, jid, password).await {
-                                Ok(conn) => {
-                                    let _ = slot.send(conn);
-                                }
-                                Err(e) => errors.lock().unwrap().push(e),
-                            }
-                        });
-                    },
-                )
-            };
-            let mut stream = StanzaStream::new(connector, 16);
-            let bound = tokio::time::timeout(STEP, async {
-                while let Some(event) = stream.next().await {
-                    if let Event::Stream(StreamEvent::Reset { .. }) = event {
-                        return true;
-                    }
-                }
-                false
-            })
-            .await;
-            assert!(
-                matches!(bound, Ok(true)),
-                "tokio-xmpp login failed: {:?}",
-                errors.lock().unwrap()
-            );
-            Xmpp { stream }
-        }
-
-        /// Sends an iq and returns the response with its id.
-        pub async fn request(&mut self, iq: Iq) -> Iq {
-            let id = iq.id().to_string();
-            let mut token = self.stream.send(Box::new(Stanza::Iq(iq))).await;
-            match tokio::time::timeout(STEP, token.wait_for(StanzaStage::Sent)).await {
-                Ok(Some(StanzaState::Sent { .. })) | Ok(Some(StanzaState::Acked { .. })) => {}
-                other => panic!("iq {id} not sent: {other:?}"),
-            }
-            let deadline = tokio::time::Instant::now() + STEP;
-            loop {
-                match tokio::time::timeout_at(deadline, self.stream.next()).await {
-                    Ok(Some(Event::Stanza(Stanza::Iq(answer)))) if answer.id() == id => {
-                        return answer;
-                    }
-                    Ok(Some(_)) => {}
-                    Ok(None) => panic!("stream ended while waiting for iq {id}"),
-                    Err(_) => panic!("no answer to iq {id} within {STEP:?}"),
-                }
-            }
-        }
-
-        pub async fn close(self) {
-            let _ =
-                tokio::time::timeout(std::time::Duration::from_secs(10), self.stream.close()).await;
-        }
-    }
-}
-
 /// "A tokio-xmpp client gets TURN credentials over XEP-0215 and allocates with them."
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokio_xmpp_client_gets_turn_credentials_and_allocates() {
@@ -2297,8 +2238,15 @@ async fn tokio_xmpp_client_gets_turn_credentials_and_allocates() {
 
     let (server, turn_addr) = start_turn("allow_peers = [\"127.0.0.0/8\"]");
     let bare = format!("tokio-turn@{DOMAIN}");
-    let mut x =
-        tokio_xmpp_client::Xmpp::login(&server, &bare, &server.device_password(&bare)).await;
+    let password = server.device_password(&bare);
+    let mut x = common::xmpp_client::login(
+        &server,
+        Transport::DirectTls,
+        &bare,
+        &password,
+        common::xmpp_client::Mech::Best,
+    )
+    .await;
     let domain = Jid::new(DOMAIN).unwrap();
 
     let answer = x

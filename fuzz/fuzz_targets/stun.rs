@@ -1,12 +1,14 @@
 //! Fuzz the STUN codec, ChannelData parsing and the TURN-over-TCP frame splitter: arbitrary bytes
 //! are parsed as one datagram and as a stream of frames; every message that parses is checked with
-//! a fixed key, its attributes are decoded, re-encoded, signed and parsed again.
+//! a fixed key, its attributes are decoded, re-encoded, signed and parsed again. Text attributes
+//! also go through OpaqueString preparation (which must be idempotent: a client prepares, the
+//! server prepares again) and the nonce cookie parser.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use tern::turn::stun::{
-    Attribute, FrameLen, Message, MessageBuilder, PacketKind, classify, frame_len,
-    parse_channel_data, write_channel_data,
+    Attribute, FrameLen, Message, MessageBuilder, PacketKind, classify, frame_len, opaque_string,
+    parse_channel_data, security_features, write_channel_data,
 };
 
 const KEY: &[u8] = b"fuzz-long-term-key";
@@ -25,6 +27,14 @@ fn stun(data: &[u8]) {
         .attributes()
         .filter_map(|a| Attribute::decode(a, &tid).ok())
         .collect();
+    for a in &decoded {
+        if let Attribute::Username(t) | Attribute::Realm(t) | Attribute::Nonce(t) = a {
+            if let Ok(prepared) = opaque_string(t, "text") {
+                assert_eq!(opaque_string(&prepared, "text").as_deref(), Ok(&*prepared));
+            }
+            let _ = security_features(t);
+        }
+    }
     let mut out = Vec::new();
     let mut b = MessageBuilder::new(&mut out, m.message_type(), tid);
     for a in &decoded {

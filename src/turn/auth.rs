@@ -7,7 +7,8 @@
 //!   credentials already handed out. Static users (`[turn] users`) are for test tools.
 //! - [`Nonces`]: stateless NONCEs (RFC 8489 §9.2, RFC 8656 §9): a MAC over the issue time and the
 //!   client address, so the server keeps no per-client table an attacker could fill, yet a NONCE is
-//!   useless from another address and goes stale (438) after `turn.nonce_lifetime_secs`.
+//!   useless from another address and goes stale (438) after `turn.nonce_lifetime_secs`. Each starts
+//!   with the nonce cookie announcing the security features (RFC 8489 §9.2.1).
 //! - [`FailureLimiter`]: a per-source token bucket for answers to unauthenticated or failed requests,
 //!   so the server neither amplifies spoofed traffic nor lets a client guess passwords quickly.
 //!
@@ -28,6 +29,7 @@ use sha1::Sha1;
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
+use super::stun::{FEATURES_LEN, NONCE_COOKIE, feature, nonce_prefix, userhash};
 use crate::limits::{TokenBucket, address_group};
 
 /// Longest USERNAME accepted: RFC 8489 §14.3 limits the attribute to less than 513 bytes.
@@ -134,6 +136,28 @@ impl Credentials {
         !self.secrets.is_empty()
     }
 
+    /// Whether `[turn] users` names anyone.
+    pub fn has_static_users(&self) -> bool {
+        !self.static_users.is_empty()
+    }
+
+    /// The static user whose USERHASH (RFC 8489 §14.4) in `realm` is `hash`. REST usernames
+    /// cannot be found this way: they are not stored, and the hash hides the expiry they carry.
+    /// Every entry is hashed and compared in constant time, so the answer's timing does not tell
+    /// which user (if any) matched.
+    pub fn user_by_hash(&self, hash: &[u8; 32], realm: &str) -> Option<&str> {
+        let mut found = None;
+        for (name, _) in &self.static_users {
+            if let Ok(h) = userhash(name, realm)
+                && bool::from(h.ct_eq(hash))
+                && found.is_none()
+            {
+                found = Some(name.as_str());
+            }
+        }
+        found
+    }
+
     /// The password for `username` if it is a valid, unexpired REST username (expiry > `wall`) or a
     /// static user; `None` otherwise. With several secrets this is the first secret's password; the
     /// engine should use [`Credentials::passwords`] so rotation works.
@@ -217,10 +241,7 @@ pub enum NonceError {
     Invalid,
 }
 
-/// Format version, the first byte of the encoded NONCE. It also makes the text start with `A`, so
-/// it can never begin with RFC 8489 §9.2's nonce cookie `obMatJos2`: Tern does not announce the
-/// security features the cookie carries (PASSWORD-ALGORITHMS negotiation, username anonymity), so
-/// its NONCEs are plain opaque strings (RFC 8489 §9.2.1).
+/// Format version, the first byte of the MAC'd part of the NONCE (after the nonce cookie).
 const NONCE_VERSION: u8 = 1;
 /// MAC bytes kept: 120 bits, far beyond what online guessing within a NONCE lifetime can reach.
 const NONCE_MAC_LEN: usize = 15;
@@ -230,12 +251,14 @@ const NONCE_RAW_LEN: usize = 1 + 8 + NONCE_MAC_LEN;
 /// independently); a NONCE from further in the future is treated as stale, not trusted longer.
 const NONCE_FUTURE_SKEW_MS: u64 = 2_000;
 
-/// Stateless NONCEs (RFC 8489 §9.2, RFC 8656 §9): `HMAC-SHA256(key, issue time || client IP)`
-/// truncated, sent together with the issue time, so the server keeps no table of NONCEs. A NONCE
-/// checks only from the address it was issued to, and goes [`NonceError::Stale`] (438) after
-/// `lifetime`.
+/// Stateless NONCEs (RFC 8489 §9.2, RFC 8656 §9): `HMAC-SHA256(key, features || issue time ||
+/// client IP)` truncated, sent together with the issue time, so the server keeps no table of
+/// NONCEs. A NONCE checks only from the address it was issued to, and goes [`NonceError::Stale`]
+/// (438) after `lifetime`.
 ///
-/// Encoded as 32 characters of unpadded base64url: well under RFC 8489 §14.10's 763-byte limit,
+/// Encoded as the nonce cookie `obMatJos2` with four base64 characters of security feature bits
+/// (RFC 8489 §9.2.1; password algorithms always, username anonymity when the engine can honour
+/// it), then 32 characters of unpadded base64url: well under RFC 8489 §14.10's 763-byte limit,
 /// small enough to keep 401 and 438 answers short (no amplification), and only characters valid in
 /// a quoted-string. The key should be random per process (or shared by the nodes of a cluster);
 /// a restart with a new key just makes clients fetch a new NONCE.
@@ -243,6 +266,10 @@ const NONCE_FUTURE_SKEW_MS: u64 = 2_000;
 pub struct Nonces {
     mac: Hmac<Sha256>,
     lifetime: Duration,
+    /// Security feature bits ([`feature`]) announced by every NONCE.
+    features: u32,
+    /// The nonce cookie and the encoded features: the first [`Nonces::PREFIX_LEN`] characters.
+    prefix: String,
 }
 
 impl fmt::Debug for Nonces {
@@ -251,20 +278,43 @@ impl fmt::Debug for Nonces {
         f.debug_struct("Nonces")
             .field("key", &"<redacted>")
             .field("lifetime", &self.lifetime)
+            .field("features", &self.features)
             .finish()
     }
 }
 
 impl Nonces {
+    /// The nonce cookie and its four feature characters (RFC 8489 §9.2).
+    pub const PREFIX_LEN: usize = NONCE_COOKIE.len() + FEATURES_LEN;
     /// Length of every NONCE issued, in bytes (ASCII).
-    pub const LEN: usize = 32;
+    pub const LEN: usize = Self::PREFIX_LEN + 32;
 
-    /// `key`: 32 random bytes; `lifetime`: `turn.nonce_lifetime_secs`.
+    /// `key`: 32 random bytes; `lifetime`: `turn.nonce_lifetime_secs`. The NONCEs announce the
+    /// password algorithms feature (PASSWORD-ALGORITHMS negotiation).
     pub fn new(key: [u8; 32], lifetime: Duration) -> Self {
+        let features = feature::PASSWORD_ALGORITHMS;
         Self {
             mac: <Hmac<Sha256> as Mac>::new_from_slice(&key).expect("HMAC accepts any key length"),
             lifetime,
+            features,
+            prefix: nonce_prefix(features),
         }
+    }
+
+    /// The same NONCEs announcing `features` instead (the low 24 bits count). NONCEs issued
+    /// before no longer check: the features are part of the MAC.
+    pub fn with_features(self, features: u32) -> Self {
+        let features = features & 0x00ff_ffff;
+        Self {
+            features,
+            prefix: nonce_prefix(features),
+            ..self
+        }
+    }
+
+    /// The security feature bits every NONCE announces.
+    pub fn features(&self) -> u32 {
+        self.features
     }
 
     /// How long a NONCE stays valid.
@@ -279,18 +329,24 @@ impl Nonces {
         raw[0] = NONCE_VERSION;
         raw[1..9].copy_from_slice(&issued.to_be_bytes());
         raw[9..].copy_from_slice(&self.tag(issued, client)[..NONCE_MAC_LEN]);
-        B64URL.encode(raw)
+        let mut nonce = String::with_capacity(Self::LEN);
+        nonce.push_str(&self.prefix);
+        B64URL.encode_string(raw, &mut nonce);
+        nonce
     }
 
     /// Whether `nonce` was issued by this key to `client` and is younger than the lifetime at
     /// `wall`. The MAC is checked first, in constant time, so a forged NONCE is `Invalid` whatever
     /// time it claims.
     pub fn check(&self, nonce: &str, client: IpAddr, wall: SystemTime) -> Result<(), NonceError> {
+        let Some(body) = nonce.strip_prefix(self.prefix.as_str()) else {
+            return Err(NonceError::Invalid);
+        };
         if nonce.len() != Self::LEN {
             return Err(NonceError::Invalid);
         }
         let mut raw = [0u8; NONCE_RAW_LEN];
-        match B64URL.decode_slice(nonce, &mut raw) {
+        match B64URL.decode_slice(body, &mut raw) {
             Ok(NONCE_RAW_LEN) => {}
             _ => return Err(NonceError::Invalid),
         }
@@ -320,6 +376,7 @@ impl Nonces {
     fn tag(&self, issued_ms: u64, client: IpAddr) -> [u8; 32] {
         let mut mac = self.mac.clone();
         mac.update(b"tern turn nonce");
+        mac.update(&self.features.to_be_bytes());
         mac.update(&[NONCE_VERSION]);
         mac.update(&issued_ms.to_be_bytes());
         match client.to_canonical() {
@@ -634,7 +691,13 @@ mod tests {
         let nonce = n.issue(client, wall);
         assert_eq!(nonce.len(), Nonces::LEN);
         assert!(nonce.len() <= 763);
-        assert!(!nonce.starts_with("obMatJos2"));
+        // The nonce cookie with the password algorithms bit (RFC 8489 §9.2.1, Errata 6290: bit 0
+        // is the least significant of the 24).
+        assert!(nonce.starts_with("obMatJos2AAAB"), "{nonce}");
+        assert_eq!(
+            super::super::stun::security_features(&nonce),
+            Some(feature::PASSWORD_ALGORITHMS)
+        );
         // Only quoted-string-safe characters (RFC 8489 §14.10: qdtext / quoted-pair).
         assert!(
             nonce
@@ -702,19 +765,33 @@ mod tests {
             assert_eq!(n.check(&t, client, wall), Err(NonceError::Invalid), "{t}");
         }
         // A re-dated NONCE (fresh time, old MAC) is refused, not merely stale.
-        let mut raw = B64URL.decode(&nonce).expect("b64");
+        let (prefix, body) = nonce.split_at(Nonces::PREFIX_LEN);
+        let mut raw = B64URL.decode(body).expect("b64");
         raw[1..9].copy_from_slice(&(unix_millis(wall) + 1000).to_be_bytes());
-        let redated = B64URL.encode(&raw);
+        let redated = format!("{prefix}{}", B64URL.encode(&raw));
         assert_eq!(n.check(&redated, client, wall), Err(NonceError::Invalid));
+        // Announcing other features (a bid-down that strips the password algorithms bit, or
+        // claims anonymity) breaks the NONCE: the features are part of the MAC.
+        let stripped = format!("obMatJos2AAAA{body}");
+        assert_eq!(n.check(&stripped, client, wall), Err(NonceError::Invalid));
+        let anon =
+            nonces().with_features(feature::PASSWORD_ALGORITHMS | feature::USERNAME_ANONYMITY);
+        let anon_nonce = anon.issue(client, wall);
+        assert!(anon_nonce.starts_with("obMatJos2AAAD"), "{anon_nonce}");
+        assert_eq!(anon.check(&anon_nonce, client, wall), Ok(()));
+        assert_eq!(n.check(&anon_nonce, client, wall), Err(NonceError::Invalid));
+        let relabelled = format!("obMatJos2AAAB{}", &anon_nonce[Nonces::PREFIX_LEN..]);
+        assert_eq!(n.check(&relabelled, client, wall), Err(NonceError::Invalid));
         for garbage in [
             "",
             "x",
             "obMatJos2AAAB",
+            "obMatJos2AAAB!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!",
             "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!",
             "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
             "ÄAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
             &format!("{nonce}A"),
-            &nonce[..31],
+            &nonce[..Nonces::LEN - 1],
             &"A".repeat(10_000),
         ] {
             assert_eq!(

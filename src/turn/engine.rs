@@ -10,6 +10,7 @@
 //! return byte ranges of the caller's input; their counters are summed per allocation and
 //! published to `metrics` once a second by [`Engine::expire`].
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
@@ -23,8 +24,8 @@ use dashmap::mapref::entry::Entry;
 use super::auth::{Credentials, FailureLimiter, NonceError, Nonces, rest_user};
 use super::peer::PeerFilter;
 use super::stun::{
-    self, AddressFamily, Class, LongTermKey, Message, MessageBuilder, MessageType, Method,
-    PacketKind, PasswordAlgorithm, TransactionId, attr, code,
+    self, AddressFamily, Attribute, Class, LongTermKey, Message, MessageBuilder, MessageType,
+    Method, PacketKind, PasswordAlgorithm, TransactionId, attr, code, feature,
 };
 
 /// Permission lifetime (RFC 8656 §9: 300 s, not refreshed by data).
@@ -45,6 +46,11 @@ const EVEN_PORT_TRIES: usize = 16;
 /// Permissions per allocation; a CreatePermission beyond this gets 508. Data towards the client is
 /// checked against every permission, so the list stays short.
 const MAX_PERMISSIONS: usize = 128;
+/// The PASSWORD-ALGORITHMS value of every challenge (RFC 8489 §14.11): SHA-256 first, the
+/// server's preference, then MD5 for RFC 5389 clients; both without parameters (§18.5.1). A
+/// request must echo it byte for byte when it names a PASSWORD-ALGORITHM (§9.2.4), which is what
+/// stops a man in the middle from bidding the client down to MD5.
+const OFFERED_ALGORITHMS: [u8; 8] = [0x00, 0x02, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00];
 
 /// How a client reaches the TURN server (the relayed side is always UDP).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -322,7 +328,8 @@ impl Allocation {
 
 /// A request that proved its credentials (RFC 8489 §9.2.4).
 struct Auth<'m> {
-    username: &'m str,
+    /// USERNAME, or the static user a USERHASH named.
+    username: Cow<'m, str>,
     key: LongTermKey,
     /// Answer with MESSAGE-INTEGRITY-SHA256 (the request used it) rather than MESSAGE-INTEGRITY.
     sha256: bool,
@@ -376,6 +383,14 @@ impl Engine {
         peers: PeerFilter,
         relays: Arc<dyn RelaySockets>,
     ) -> Self {
+        // Username anonymity (RFC 8489 §9.2.1) makes clients send USERHASH, which finds static
+        // users only: a REST username embeds its expiry, so it cannot be looked up by hash.
+        let nonces = if creds.can_mint() || !creds.has_static_users() {
+            nonces
+        } else {
+            let features = nonces.features() | feature::USERNAME_ANONYMITY;
+            nonces.with_features(features)
+        };
         Self {
             cfg,
             creds,
@@ -668,8 +683,7 @@ impl Engine {
         );
         b.error_code(err, code::reason(err));
         if challenge {
-            b.text(attr::REALM, &self.cfg.realm)
-                .text(attr::NONCE, &self.nonces.issue(client.remote.ip(), wall));
+            self.challenge(&mut b, client.remote.ip(), wall);
         }
         if msg.has_fingerprint() {
             b.fingerprint();
@@ -738,8 +752,45 @@ impl Engine {
         finish(b)
     }
 
-    /// Long-term credential check (RFC 8489 §9.2.4). `Err` carries the action to return (a 400,
-    /// 401 or 438 answer, or nothing when rate-limited).
+    /// REALM and a fresh NONCE for a 401 or 438, with PASSWORD-ALGORITHMS when the NONCE
+    /// announces that feature (RFC 8489 §9.2.4: the client echoes the list it was sent).
+    fn challenge(&self, b: &mut MessageBuilder<'_>, ip: IpAddr, wall: SystemTime) {
+        b.text(attr::REALM, &self.cfg.realm)
+            .text(attr::NONCE, &self.nonces.issue(ip, wall));
+        if self.nonces.features() & feature::PASSWORD_ALGORITHMS != 0 {
+            b.raw(attr::PASSWORD_ALGORITHMS, &OFFERED_ALGORITHMS);
+        }
+    }
+
+    /// The key derivation a request asks for (RFC 8489 §9.2.4): under a NONCE whose cookie
+    /// announces password algorithms, a request names none (MD5, an RFC 5389 client) or names one
+    /// of the offered ones and echoes PASSWORD-ALGORITHMS unchanged; otherwise PASSWORD-ALGORITHM
+    /// alone decides (as in the RFC 8489 Appendix B.1 vector). `None`: answer 400.
+    fn password_algorithm(msg: &Message<'_>, nonce: &str) -> Option<PasswordAlgorithm> {
+        let named = match msg.decode(attr::PASSWORD_ALGORITHM) {
+            Ok(None) => None,
+            Ok(Some(Attribute::PasswordAlgorithm { algorithm, .. })) => {
+                Some(PasswordAlgorithm::from_code(algorithm)?)
+            }
+            _ => return None,
+        };
+        let negotiated =
+            stun::security_features(nonce).is_some_and(|f| f & feature::PASSWORD_ALGORITHMS != 0);
+        if !negotiated {
+            return Some(named.unwrap_or(PasswordAlgorithm::Md5));
+        }
+        match (msg.get(attr::PASSWORD_ALGORITHMS), named) {
+            (None, None) => Some(PasswordAlgorithm::Md5),
+            // Every algorithm `from_code` knows is offered.
+            (Some(listed), Some(alg)) if listed.value == OFFERED_ALGORITHMS => Some(alg),
+            _ => None,
+        }
+    }
+
+    /// Long-term credential check (RFC 8489 §9.2.4), in the RFC's order: integrity present (else
+    /// 401), USERNAME or USERHASH, REALM and NONCE present (else 400), the password algorithm
+    /// (400), a known user and a matching MESSAGE-INTEGRITY(-SHA256) (401), a fresh NONCE (438).
+    /// `Err` carries the action to return (the answer, or nothing when rate-limited).
     fn authenticate<'m>(
         &self,
         client: ClientId,
@@ -749,70 +800,58 @@ impl Engine {
         out: &mut Vec<u8>,
     ) -> Result<Auth<'m>, ClientAction> {
         let ip = client.remote.ip();
-        if !msg.has_integrity() && !msg.has_integrity_sha256() {
-            // The normal first round trip: challenge with REALM and NONCE.
-            return Err(self.reject(client, msg, code::UNAUTHENTICATED, true, now, wall, out));
-        }
-        let fields = (
-            msg.text(attr::USERNAME),
-            msg.text(attr::REALM),
-            msg.text(attr::NONCE),
-        );
-        let (Ok(Some(username)), Ok(Some(realm)), Ok(Some(nonce))) = fields else {
-            // USERHASH is never accepted: Tern's NONCEs do not offer username anonymity.
-            let err = if msg.get(attr::USERHASH).is_some() && matches!(fields.0, Ok(None)) {
-                metrics::counter!("tern_turn_auth_failures_total").increment(1);
-                code::UNAUTHENTICATED
-            } else {
-                code::BAD_REQUEST
-            };
+        let signed = msg.has_integrity() || msg.has_integrity_sha256();
+        // A 401 is a challenge; to a signed request it is also a failed authentication.
+        let reject = |err: u16, out: &mut Vec<u8>| {
             let challenge = err == code::UNAUTHENTICATED;
-            return Err(self.reject(client, msg, err, challenge, now, wall, out));
+            if challenge && signed {
+                metrics::counter!("tern_turn_auth_failures_total").increment(1);
+            }
+            Err(self.reject(client, msg, err, challenge, now, wall, out))
         };
-        let alg = match msg.get(attr::PASSWORD_ALGORITHM) {
-            None => PasswordAlgorithm::Md5,
-            Some(a) => match stun::Attribute::decode(a, &msg.transaction_id()) {
-                Ok(stun::Attribute::PasswordAlgorithm { algorithm, .. }) => {
-                    match PasswordAlgorithm::from_code(algorithm) {
-                        Some(alg) => alg,
-                        None => {
-                            return Err(self.reject(
-                                client,
-                                msg,
-                                code::BAD_REQUEST,
-                                false,
-                                now,
-                                wall,
-                                out,
-                            ));
-                        }
-                    }
-                }
-                _ => {
-                    return Err(self.reject(client, msg, code::BAD_REQUEST, false, now, wall, out));
-                }
+        if !signed {
+            // The normal first round trip: challenge with REALM and NONCE.
+            return reject(code::UNAUTHENTICATED, out);
+        }
+        let (Ok(Some(realm)), Ok(Some(nonce))) = (msg.text(attr::REALM), msg.text(attr::NONCE))
+        else {
+            return reject(code::BAD_REQUEST, out);
+        };
+        let claimed = match (msg.text(attr::USERNAME), msg.decode(attr::USERHASH)) {
+            (Ok(Some(name)), _) => Ok(name),
+            (Ok(None), Ok(Some(Attribute::UserHash(hash)))) => Err(hash),
+            _ => return reject(code::BAD_REQUEST, out),
+        };
+        let Some(alg) = Self::password_algorithm(msg, nonce) else {
+            return reject(code::BAD_REQUEST, out);
+        };
+        if realm != self.cfg.realm {
+            return reject(code::UNAUTHENTICATED, out);
+        }
+        let username = match claimed {
+            Ok(name) => Cow::Borrowed(name),
+            Err(hash) => match self.creds.user_by_hash(hash, realm) {
+                Some(name) => Cow::Owned(name.to_owned()),
+                None => return reject(code::UNAUTHENTICATED, out),
             },
         };
         let sha256 = msg.has_integrity_sha256();
-        let key = if realm == self.cfg.realm {
-            // Every candidate password (secret rotation); the HMAC comparisons are constant-time.
-            self.creds
-                .passwords(username, wall)
-                .iter()
-                .map(|pw| LongTermKey::derive(alg, username, realm, pw))
-                .find(|k| {
-                    if sha256 {
-                        msg.check_integrity_sha256(k.as_bytes())
-                    } else {
-                        msg.check_integrity(k.as_bytes())
-                    }
-                })
-        } else {
-            None
-        };
+        // Every candidate password (secret rotation); the HMAC comparisons are constant-time.
+        // A credential that is no valid OpaqueString has no key and never matches.
+        let key = self
+            .creds
+            .passwords(&username, wall)
+            .iter()
+            .filter_map(|pw| LongTermKey::derive(alg, &username, realm, pw).ok())
+            .find(|k| {
+                if sha256 {
+                    msg.check_integrity_sha256(k.as_bytes())
+                } else {
+                    msg.check_integrity(k.as_bytes())
+                }
+            });
         let Some(key) = key else {
-            metrics::counter!("tern_turn_auth_failures_total").increment(1);
-            return Err(self.reject(client, msg, code::UNAUTHENTICATED, true, now, wall, out));
+            return reject(code::UNAUTHENTICATED, out);
         };
         let auth = Auth {
             username,
@@ -823,16 +862,11 @@ impl Engine {
             Ok(()) => Ok(auth),
             Err(NonceError::Stale) => {
                 // The client holds the key: answer integrity-protected with a fresh NONCE.
-                let fresh = self.nonces.issue(ip, wall);
                 Err(self.answer(msg, &auth, Some(code::STALE_NONCE), out, |b| {
-                    b.text(attr::REALM, &self.cfg.realm)
-                        .text(attr::NONCE, &fresh);
+                    self.challenge(b, ip, wall);
                 }))
             }
-            Err(NonceError::Invalid) => {
-                metrics::counter!("tern_turn_auth_failures_total").increment(1);
-                Err(self.reject(client, msg, code::UNAUTHENTICATED, true, now, wall, out))
-            }
+            Err(NonceError::Invalid) => reject(code::UNAUTHENTICATED, out),
         }
     }
 
@@ -931,7 +965,7 @@ impl Engine {
         if reserved.is_err() {
             return fail(code::INSUFFICIENT_CAPACITY, out);
         }
-        let user = quota_user(auth.username);
+        let user = quota_user(&auth.username);
         let user_ok = self.cfg.max_allocations_per_user > 0 && {
             let mut n = self.per_user.entry(user.into()).or_insert(0);
             if *n < self.cfg.max_allocations_per_user {
@@ -975,7 +1009,7 @@ impl Engine {
         let allocation = Allocation {
             relay,
             family: relay_family,
-            username: auth.username.into(),
+            username: auth.username.as_ref().into(),
             quota_user: user.into(),
             key: auth.key.clone(),
             expires: now + lifetime,
@@ -1265,6 +1299,7 @@ fn finish(b: MessageBuilder<'_>) -> ClientAction {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use md5::{Digest, Md5};
     use std::sync::Mutex;
     use std::sync::atomic::AtomicU64;
 
@@ -1325,7 +1360,6 @@ mod tests {
     }
 
     fn harness_with(cfg: EngineConfig, limiter: FailureLimiter, relays: FakeRelays) -> H {
-        let relays = Arc::new(relays);
         let creds = Credentials::new(
             vec!["rest-secret".into()],
             vec![
@@ -1333,6 +1367,16 @@ mod tests {
                 ("bob".into(), "builder".into()),
             ],
         );
+        harness_creds(cfg, limiter, relays, creds)
+    }
+
+    fn harness_creds(
+        cfg: EngineConfig,
+        limiter: FailureLimiter,
+        relays: FakeRelays,
+        creds: Credentials,
+    ) -> H {
+        let relays = Arc::new(relays);
         let engine = Engine::new(
             cfg,
             Arc::new(creds),
@@ -1395,7 +1439,7 @@ mod tests {
         sha256: bool,
         attrs: impl FnOnce(&mut MessageBuilder<'_>),
     ) -> Vec<u8> {
-        let key = LongTermKey::md5(user, REALM, pass);
+        let key = LongTermKey::md5(user, REALM, pass).expect("key");
         let mut v = Vec::new();
         let mut b = MessageBuilder::new(&mut v, MessageType::new(method, Class::Request), t);
         attrs(&mut b);
@@ -1470,7 +1514,7 @@ mod tests {
             let m = Message::parse(&self.out).expect("answer parses");
             assert!(m.check_fingerprint());
             assert!(
-                m.check_integrity(LongTermKey::md5(user, REALM, pass).as_bytes()),
+                m.check_integrity(LongTermKey::md5(user, REALM, pass).expect("key").as_bytes()),
                 "authenticated answers carry MESSAGE-INTEGRITY"
             );
             error_code(&self.out)
@@ -1526,7 +1570,13 @@ mod tests {
         assert_eq!(error_code(&h.out), Some(401));
         assert_eq!(m.text(attr::REALM), Ok(Some(REALM)));
         assert!(m.get(attr::SOFTWARE).is_none(), "no amplification");
-        assert!(h.out.len() < 100, "small 401: {} bytes", h.out.len());
+        // The RFC 8489 §9.2.1 offer: SHA-256 preferred, MD5 for RFC 5389 clients.
+        assert_eq!(
+            m.get(attr::PASSWORD_ALGORITHMS).map(|a| a.value),
+            Some(&OFFERED_ALGORITHMS[..])
+        );
+        // Header, ERROR-CODE, REALM, a 45-byte NONCE and PASSWORD-ALGORITHMS, nothing else.
+        assert!(h.out.len() <= 124, "small 401: {} bytes", h.out.len());
         let nonce = m
             .text(attr::NONCE)
             .expect("utf-8")
@@ -1556,7 +1606,7 @@ mod tests {
         // Below the default: the default (RFC 8656 §7.2).
         assert_eq!(m.u32_value(attr::LIFETIME), Ok(Some(600)));
         assert_eq!(m.text(attr::SOFTWARE), Ok(Some("tern-test")));
-        let key = LongTermKey::md5("alice", REALM, "wonderland");
+        let key = LongTermKey::md5("alice", REALM, "wonderland").expect("key");
         assert!(m.check_integrity(key.as_bytes()) && m.check_fingerprint());
         assert_eq!(h.engine.allocation_count(), 1);
 
@@ -1598,7 +1648,7 @@ mod tests {
         assert_eq!(h.send(c, &req), ClientAction::Reply);
         let m = Message::parse(&h.out).expect("parses");
         assert_eq!(error_code(&h.out), None);
-        let key = LongTermKey::md5("alice", REALM, "wonderland");
+        let key = LongTermKey::md5("alice", REALM, "wonderland").expect("key");
         assert!(m.check_integrity_sha256(key.as_bytes()));
         assert!(!m.has_integrity());
     }
@@ -1644,6 +1694,11 @@ mod tests {
         assert_eq!(h.send(c, &req), ClientAction::Reply);
         assert_eq!(error_code(&h.out), Some(438));
         let m = Message::parse(&h.out).expect("parses");
+        assert_eq!(
+            m.get(attr::PASSWORD_ALGORITHMS).map(|a| a.value),
+            Some(&OFFERED_ALGORITHMS[..]),
+            "438 offers the algorithms again (RFC 8489 §9.2.4)"
+        );
         let fresh = m
             .text(attr::NONCE)
             .expect("utf-8")
@@ -2355,5 +2410,252 @@ mod tests {
         }
         assert!(b.take(100, 1_000, t0 + Duration::from_millis(100)));
         assert!(!b.take(1, 1_000, t0 + Duration::from_millis(100)));
+    }
+    /// What the credential part of an RFC 8489 request looks like.
+    struct Rfc8489<'a> {
+        /// USERNAME, or USERHASH of it.
+        user: &'a str,
+        hash_user: bool,
+        pass: &'a str,
+        nonce: &'a str,
+        /// PASSWORD-ALGORITHMS to echo, and the PASSWORD-ALGORITHM named (key derivation).
+        algorithms: Option<&'a [u8]>,
+        algorithm: Option<PasswordAlgorithm>,
+    }
+
+    impl Rfc8489<'_> {
+        fn key(&self) -> LongTermKey {
+            let alg = self.algorithm.unwrap_or(PasswordAlgorithm::Md5);
+            LongTermKey::derive(alg, self.user, REALM, self.pass).expect("key")
+        }
+
+        /// An Allocate signed with MESSAGE-INTEGRITY-SHA256 (what an RFC 8489 client uses once
+        /// the server offered algorithms).
+        fn allocate(&self, t: TransactionId) -> Vec<u8> {
+            let mut v = Vec::new();
+            let mut b = MessageBuilder::new(
+                &mut v,
+                MessageType::new(Method::ALLOCATE, Class::Request),
+                t,
+            );
+            b.requested_transport(17);
+            if self.hash_user {
+                b.raw(
+                    attr::USERHASH,
+                    &stun::userhash(self.user, REALM).expect("hash"),
+                );
+            } else {
+                b.text(attr::USERNAME, self.user);
+            }
+            b.text(attr::REALM, REALM).text(attr::NONCE, self.nonce);
+            if let Some(list) = self.algorithms {
+                b.raw(attr::PASSWORD_ALGORITHMS, list);
+            }
+            if let Some(alg) = self.algorithm {
+                let [hi, lo] = alg.code().to_be_bytes();
+                b.raw(attr::PASSWORD_ALGORITHM, &[hi, lo, 0, 0]);
+            }
+            b.integrity_sha256(self.key().as_bytes()).fingerprint();
+            b.finish().expect("fits");
+            v
+        }
+    }
+
+    #[test]
+    fn sha256_key_derivation_is_negotiated() {
+        let mut h = h();
+        let c = client(4000);
+        let nonce = h.nonce(c);
+        assert!(
+            nonce.starts_with("obMatJos2AAAB"),
+            "password algorithms only: {nonce}"
+        );
+        let req = Rfc8489 {
+            user: "alice",
+            hash_user: false,
+            pass: "wonderland",
+            nonce: &nonce,
+            algorithms: Some(&OFFERED_ALGORITHMS),
+            algorithm: Some(PasswordAlgorithm::Sha256),
+        };
+        assert_eq!(h.send(c, &req.allocate(tid(1))), ClientAction::Reply);
+        assert_eq!(error_code(&h.out), None, "allocated");
+        let m = Message::parse(&h.out).expect("parses");
+        assert!(m.check_integrity_sha256(req.key().as_bytes()));
+        let md5 = LongTermKey::md5("alice", REALM, "wonderland").expect("key");
+        assert!(
+            !m.check_integrity_sha256(md5.as_bytes()),
+            "the SHA-256 key signs"
+        );
+        // Later requests on the allocation must use the same key (RFC 8656 §5: else 441).
+        let mut refresh = Vec::new();
+        let mut b = MessageBuilder::new(
+            &mut refresh,
+            MessageType::new(Method::REFRESH, Class::Request),
+            tid(2),
+        );
+        b.text(attr::USERNAME, "alice")
+            .text(attr::REALM, REALM)
+            .text(attr::NONCE, &nonce)
+            .integrity(md5.as_bytes());
+        b.finish().expect("fits");
+        assert_eq!(h.send(c, &refresh), ClientAction::Reply);
+        assert_eq!(error_code(&h.out), Some(441));
+    }
+
+    #[test]
+    fn password_algorithms_must_be_echoed_unchanged() {
+        let mut h = h();
+        let c = client(4000);
+        let nonce = h.nonce(c);
+        let md5_only = [0u8, 1, 0, 0];
+        let reversed = [0u8, 1, 0, 0, 0, 2, 0, 0];
+        for (algorithms, algorithm) in [
+            // A man in the middle stripped the list, or rewrote it to MD5 only (§9.2.4).
+            (None, Some(PasswordAlgorithm::Md5)),
+            (None, Some(PasswordAlgorithm::Sha256)),
+            (Some(&md5_only[..]), Some(PasswordAlgorithm::Md5)),
+            (Some(&reversed[..]), Some(PasswordAlgorithm::Sha256)),
+            // The list without a choice.
+            (Some(&OFFERED_ALGORITHMS[..]), None),
+        ] {
+            let req = Rfc8489 {
+                user: "alice",
+                hash_user: false,
+                pass: "wonderland",
+                nonce: &nonce,
+                algorithms,
+                algorithm,
+            };
+            assert_eq!(h.send(c, &req.allocate(tid(1))), ClientAction::Reply);
+            assert_eq!(
+                error_code(&h.out),
+                Some(400),
+                "{algorithms:?} {algorithm:?}"
+            );
+        }
+        // An algorithm nobody registered.
+        let mut v = Vec::new();
+        let mut b = MessageBuilder::new(
+            &mut v,
+            MessageType::new(Method::ALLOCATE, Class::Request),
+            tid(3),
+        );
+        b.requested_transport(17)
+            .text(attr::USERNAME, "alice")
+            .text(attr::REALM, REALM)
+            .text(attr::NONCE, &nonce)
+            .raw(attr::PASSWORD_ALGORITHMS, &OFFERED_ALGORITHMS)
+            .raw(attr::PASSWORD_ALGORITHM, &[0, 9, 0, 0])
+            .integrity(b"k");
+        b.finish().expect("fits");
+        assert_eq!(h.send(c, &v), ClientAction::Reply);
+        assert_eq!(error_code(&h.out), Some(400));
+        assert_eq!(h.engine.allocation_count(), 0);
+        // Neither attribute: an RFC 5389 client, MD5 (the harness's `allocate` is one).
+        h.allocate(c, "alice", "wonderland");
+        assert_eq!(h.engine.allocation_count(), 1);
+    }
+
+    #[test]
+    fn userhash_finds_static_users_when_anonymity_is_offered() {
+        let creds = Credentials::new(
+            vec![],
+            vec![
+                ("alice".into(), "wonderland".into()),
+                (
+                    "\u{30DE}\u{30C8}\u{30EA}\u{30C3}\u{30AF}\u{30B9}".into(),
+                    "pass\u{A0}word".into(),
+                ),
+            ],
+        );
+        let mut h = harness_creds(
+            config(),
+            FailureLimiter::new(1000, 1000),
+            FakeRelays::default(),
+            creds,
+        );
+        let c = client(4000);
+        let nonce = h.nonce(c);
+        // Password algorithms and username anonymity (RFC 8489 §9.2.1, Errata 6290 bit order).
+        assert!(nonce.starts_with("obMatJos2AAAD"), "{nonce}");
+        let req = Rfc8489 {
+            user: "\u{30DE}\u{30C8}\u{30EA}\u{30C3}\u{30AF}\u{30B9}",
+            hash_user: true,
+            // The client prepared the password with OpaqueString: U+00A0 became U+0020.
+            pass: "pass word",
+            nonce: &nonce,
+            algorithms: Some(&OFFERED_ALGORITHMS),
+            algorithm: Some(PasswordAlgorithm::Sha256),
+        };
+        assert_eq!(h.send(c, &req.allocate(tid(1))), ClientAction::Reply);
+        assert_eq!(error_code(&h.out), None, "allocated by USERHASH");
+        let m = Message::parse(&h.out).expect("parses");
+        assert!(m.check_integrity_sha256(req.key().as_bytes()));
+        // A hash of nobody, or of alice in another realm: 401.
+        let c2 = client(4001);
+        let nonce2 = h.nonce(c2);
+        for hash in [
+            stun::userhash("mallory", REALM).expect("hash"),
+            stun::userhash("alice", "elsewhere").expect("hash"),
+        ] {
+            let key = LongTermKey::md5("alice", REALM, "wonderland").expect("key");
+            let mut v = Vec::new();
+            let mut b = MessageBuilder::new(
+                &mut v,
+                MessageType::new(Method::ALLOCATE, Class::Request),
+                tid(2),
+            );
+            b.requested_transport(17)
+                .raw(attr::USERHASH, &hash)
+                .text(attr::REALM, REALM)
+                .text(attr::NONCE, &nonce2)
+                .integrity(key.as_bytes());
+            b.finish().expect("fits");
+            assert_eq!(h.send(c2, &v), ClientAction::Reply);
+            assert_eq!(error_code(&h.out), Some(401));
+        }
+        assert_eq!(h.engine.allocation_count(), 1);
+    }
+
+    #[test]
+    fn no_username_anonymity_with_rest_secrets() {
+        // REST usernames carry their expiry and are not stored: a hash cannot find them, so a
+        // server with secrets must not make clients hash (RFC 8489 §9.2.1).
+        let mut h = h();
+        let nonce = h.nonce(client(4000));
+        assert_eq!(
+            stun::security_features(&nonce),
+            Some(feature::PASSWORD_ALGORITHMS)
+        );
+    }
+
+    #[test]
+    fn unpreparable_credentials_never_authenticate() {
+        let creds = Credentials::new(vec![], vec![("eve".into(), "tab\there".into())]);
+        let mut h = harness_creds(
+            config(),
+            FailureLimiter::new(1000, 1000),
+            FakeRelays::default(),
+            creds,
+        );
+        let c = client(4000);
+        let nonce = h.nonce(c);
+        // A client hashing the raw bytes (no OpaqueString) still gets only a 401.
+        let key: [u8; 16] = Md5::digest(format!("eve:{REALM}:tab\there")).into();
+        let mut v = Vec::new();
+        let mut b = MessageBuilder::new(
+            &mut v,
+            MessageType::new(Method::ALLOCATE, Class::Request),
+            tid(1),
+        );
+        b.requested_transport(17)
+            .text(attr::USERNAME, "eve")
+            .text(attr::REALM, REALM)
+            .text(attr::NONCE, &nonce)
+            .integrity(&key);
+        b.finish().expect("fits");
+        assert_eq!(h.send(c, &v), ClientAction::Reply);
+        assert_eq!(error_code(&h.out), Some(401));
     }
 }

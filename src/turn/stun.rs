@@ -9,16 +9,21 @@
 //! RFC 7983); [`frame_len`] splits a TCP/TLS byte stream into those frames (RFC 8656 §12.5,
 //! RFC 6062).
 //!
-//! Passwords, usernames and realms are used as the UTF-8 bytes given: OpaqueString/SASLprep
-//! (RFC 8265, RFC 4013) is not applied, which matters only for non-ASCII credentials; Tern mints
-//! ASCII ones.
+//! Long-term credentials (RFC 8489 §9.2): usernames, realms and passwords go through the PRECIS
+//! OpaqueString profile (RFC 8265 §4.2) before they are hashed into a key or a USERHASH
+//! ([`opaque_string`]); for printable ASCII, which is all Tern mints, that is the identity, so
+//! RFC 5389 clients (which used SASLprep, RFC 4013) compute the same keys. NONCEs may start with
+//! the nonce cookie that announces the STUN security features ([`security_features`], §9.2).
 
+use std::borrow::Cow;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::Range;
 
 use hmac::{Hmac, Mac};
 use md5::{Digest, Md5};
+use precis_core::profile::PrecisFastInvocation;
+use precis_profiles::OpaqueString;
 use sha1::Sha1;
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
@@ -308,7 +313,43 @@ impl PasswordAlgorithm {
     }
 }
 
-/// A long-term credential key (§9.2.2): MD5 or SHA-256 of `username ":" realm ":" password`.
+/// Why a credential string cannot be used in a key or a USERHASH: it is not a valid OpaqueString
+/// (RFC 8265 §4.2: empty, or with control, unassigned or otherwise disallowed code points).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CredentialError {
+    #[error("the {0} is not a valid OpaqueString (RFC 8265 §4.2)")]
+    NotOpaqueString(&'static str),
+}
+
+/// The OpaqueString profile (RFC 8265 §4.2) that RFC 8489 §9.2.2 and §14.4 apply to usernames,
+/// realms and passwords before hashing: non-ASCII spaces mapped to U+0020, NFC, and the PRECIS
+/// FreeformClass enforced (controls, unassigned code points and empty strings are refused). The
+/// `precis-profiles` crate carries the Unicode tables this needs. Borrowed (no allocation) when the
+/// string is already prepared, as printable ASCII always is. `what` names the field in the error.
+pub fn opaque_string<'s>(s: &'s str, what: &'static str) -> Result<Cow<'s, str>, CredentialError> {
+    // Printable ASCII is FreeformClass-valid and unchanged by every rule: skip the table lookups
+    // on the path every request takes.
+    if !s.is_empty() && s.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return Ok(Cow::Borrowed(s));
+    }
+    <OpaqueString as PrecisFastInvocation>::enforce(s)
+        .map_err(|_| CredentialError::NotOpaqueString(what))
+}
+
+/// USERHASH (RFC 8489 §14.4): `SHA-256(OpaqueString(username) ":" OpaqueString(realm))`, which a
+/// client sends instead of USERNAME when the server's NONCE offers username anonymity (§9.2.1).
+pub fn userhash(username: &str, realm: &str) -> Result<[u8; 32], CredentialError> {
+    let username = opaque_string(username, "username")?;
+    let realm = opaque_string(realm, "realm")?;
+    let mut h = Sha256::new();
+    h.update(username.as_bytes());
+    h.update(b":");
+    h.update(realm.as_bytes());
+    Ok(h.finalize().into())
+}
+
+/// A long-term credential key (RFC 8489 §9.2.2): MD5 or SHA-256 (the PASSWORD-ALGORITHM, §18.5)
+/// of `username ":" realm ":" password`, each prepared with OpaqueString.
 #[derive(Clone, PartialEq, Eq)]
 pub struct LongTermKey {
     bytes: [u8; 32],
@@ -322,9 +363,17 @@ impl fmt::Debug for LongTermKey {
 }
 
 impl LongTermKey {
-    /// Derives the key. The strings are hashed as given (no OpaqueString/SASLprep, see the module
-    /// docs).
-    pub fn derive(alg: PasswordAlgorithm, username: &str, realm: &str, password: &str) -> Self {
+    /// Derives the key from the [`opaque_string`]-prepared strings; an error when one of them is
+    /// not a valid OpaqueString (no key exists for it, so no request can authenticate with it).
+    pub fn derive(
+        alg: PasswordAlgorithm,
+        username: &str,
+        realm: &str,
+        password: &str,
+    ) -> Result<Self, CredentialError> {
+        let username = opaque_string(username, "username")?;
+        let realm = opaque_string(realm, "realm")?;
+        let password = opaque_string(password, "password")?;
         let mut bytes = [0u8; 32];
         let parts = [
             username.as_bytes(),
@@ -351,11 +400,11 @@ impl LongTermKey {
                 32
             }
         };
-        Self { bytes, len }
+        Ok(Self { bytes, len })
     }
 
     /// The MD5 key every TURN client supports (§9.2.2).
-    pub fn md5(username: &str, realm: &str, password: &str) -> Self {
+    pub fn md5(username: &str, realm: &str, password: &str) -> Result<Self, CredentialError> {
         Self::derive(PasswordAlgorithm::Md5, username, realm, password)
     }
 
@@ -367,6 +416,46 @@ impl LongTermKey {
     pub fn ct_eq(&self, other: &Self) -> bool {
         self.as_bytes().ct_eq(other.as_bytes()).into()
     }
+}
+
+/// The "nonce cookie" (RFC 8489 §9.2): a NONCE starting with it carries the server's STUN
+/// security features in the next [`FEATURES_LEN`] characters.
+pub const NONCE_COOKIE: &str = "obMatJos2";
+/// Base64 characters after the cookie: 24 feature bits (§9.2).
+pub const FEATURES_LEN: usize = 4;
+
+/// STUN security feature bits (RFC 8489 §18.1). Bit 0 is the least significant of the 24, as the
+/// verified Errata 6290 puts it and the corrected Appendix B.1 vector (Errata 6268, nonce
+/// `obMatJos2AAAC...` with USERHASH) uses.
+pub mod feature {
+    /// "Password algorithms": the server sends PASSWORD-ALGORITHMS and checks it is echoed (§9.2.4).
+    pub const PASSWORD_ALGORITHMS: u32 = 1 << 0;
+    /// "Username anonymity": the client sends USERHASH instead of USERNAME (§9.2.4, §14.4).
+    pub const USERNAME_ANONYMITY: u32 = 1 << 1;
+}
+
+const B64_ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/// The nonce cookie followed by `features` (the low 24 bits) as four base64 characters (§9.2).
+pub fn nonce_prefix(features: u32) -> String {
+    let mut out = String::with_capacity(NONCE_COOKIE.len() + FEATURES_LEN);
+    out.push_str(NONCE_COOKIE);
+    for shift in [18, 12, 6, 0] {
+        out.push(char::from(
+            B64_ALPHABET[((features >> shift) & 0x3f) as usize],
+        ));
+    }
+    out
+}
+
+/// The security features a NONCE announces, or `None` when it does not start with the nonce
+/// cookie and four base64 characters (then it is an opaque RFC 5389-style NONCE).
+pub fn security_features(nonce: &str) -> Option<u32> {
+    let encoded = nonce.strip_prefix(NONCE_COOKIE)?.get(..FEATURES_LEN)?;
+    encoded.bytes().try_fold(0u32, |acc, c| {
+        let v = B64_ALPHABET.iter().position(|&a| a == c)?;
+        Some(acc << 6 | v as u32)
+    })
 }
 
 /// One attribute as it sits in the message: its type, its value (without padding) and where the
@@ -1510,9 +1599,9 @@ mod tests {
         );
         assert!(!m.has_fingerprint());
         // The password after SASLprep ("The\u{AD}M\u{AA}tr\u{2168}" before).
-        let key = LongTermKey::md5(user, "example.org", "TheMatrIX");
+        let key = LongTermKey::md5(user, "example.org", "TheMatrIX").expect("key");
         assert!(m.check_integrity(key.as_bytes()));
-        let wrong = LongTermKey::md5(user, "example.org", "TheMatrix");
+        let wrong = LongTermKey::md5(user, "example.org", "TheMatrix").expect("key");
         assert!(!m.check_integrity(wrong.as_bytes()));
         // This vector pads with zeros, so it round-trips byte for byte.
         let mut out = Vec::new();
@@ -1525,9 +1614,164 @@ mod tests {
         assert_eq!(out, raw);
     }
 
+    /// RFC 8489 Appendix B.1 (a request with long-term authentication, USERHASH,
+    /// PASSWORD-ALGORITHM and MESSAGE-INTEGRITY-SHA256) as corrected by the verified Errata 6268:
+    /// the published message length 0x9c counted the header, and the vector lacked the
+    /// PASSWORD-ALGORITHM (SHA-256) its MESSAGE-INTEGRITY-SHA256 needs.
+    const RFC8489_B1: &str = "00010090 2112a442 78ad3433 c6ad72c0 29da412e
+        001e0020 4a3cf38f ef6992bd a952c678 0417da0f 24819415 569e60b2 05c46e41 407f1704
+        00150029 6f624d61 744a6f73 32414141 43662f2f 3439396b 39353464 364f4c33 346f4c39
+                 46535476 79363473 41000000
+        0014000b 6578616d 706c652e 6f726700
+        001d0004 00020000
+        001c0020 b5c7bf00 5b6c52a2 1c51c5e8 92f81924 136296cb 927c4314 9309278c c6518e65";
+
+    #[test]
+    fn rfc8489_b1_userhash_sha256_errata_6268() {
+        let raw = hex(RFC8489_B1);
+        let m = Message::parse(&raw).expect("the corrected vector parses");
+        let user = "\u{30DE}\u{30C8}\u{30EA}\u{30C3}\u{30AF}\u{30B9}";
+        let realm = "example.org";
+        let nonce = "obMatJos2AAACf//499k954d6OL34oL9FSTvy64sA";
+        assert_eq!(m.text(attr::NONCE), Ok(Some(nonce)));
+        assert_eq!(m.text(attr::REALM), Ok(Some(realm)));
+        assert!(m.get(attr::USERNAME).is_none());
+        // USERHASH = SHA-256(OpaqueString(username) ":" OpaqueString(realm)) (§14.4).
+        let hash = userhash(user, realm).expect("valid OpaqueStrings");
+        assert_eq!(
+            m.decode(attr::USERHASH),
+            Ok(Some(Attribute::UserHash(&hash)))
+        );
+        // The cookie announces username anonymity: bit 1, counting from the least significant
+        // (Errata 6290), which is why this request carries USERHASH.
+        assert_eq!(security_features(nonce), Some(feature::USERNAME_ANONYMITY));
+        assert_eq!(
+            m.decode(attr::PASSWORD_ALGORITHM),
+            Ok(Some(Attribute::PasswordAlgorithm {
+                algorithm: PasswordAlgorithm::Sha256.code(),
+                params: &[],
+            }))
+        );
+        // The key is SHA-256 over the password "TheMatrIX". The appendix calls that the
+        // OpaqueString form of "The\u{AD}M\u{AA}tr\u{2168}", but it is the RFC 5389 SASLprep form
+        // (soft hyphen dropped, NFKC): OpaqueString keeps NFC and refuses U+00AD, a default
+        // ignorable code point (RFC 8264 §9.13). So what is verifiable is the key of the prepared
+        // password, and that the raw one has no key at all.
+        let key =
+            LongTermKey::derive(PasswordAlgorithm::Sha256, user, realm, "TheMatrIX").expect("key");
+        assert!(m.check_integrity_sha256(key.as_bytes()));
+        let md5 = LongTermKey::md5(user, realm, "TheMatrIX").expect("key");
+        assert!(!m.check_integrity_sha256(md5.as_bytes()));
+        assert_eq!(
+            LongTermKey::derive(
+                PasswordAlgorithm::Sha256,
+                user,
+                realm,
+                "The\u{AD}M\u{AA}tr\u{2168}"
+            ),
+            Err(CredentialError::NotOpaqueString("password"))
+        );
+        // As published (length 0x9c, the whole message), it is no STUN message at all.
+        let mut published = raw.clone();
+        published[3] = 0x9c;
+        assert!(Message::parse(&published).is_err());
+        // Rebuilt from its parts, byte for byte.
+        let mut out = Vec::new();
+        let mut b = MessageBuilder::new(&mut out, m.message_type(), m.transaction_id());
+        b.raw(attr::USERHASH, &hash)
+            .text(attr::NONCE, nonce)
+            .text(attr::REALM, realm)
+            .raw(attr::PASSWORD_ALGORITHM, &[0, 2, 0, 0])
+            .integrity_sha256(key.as_bytes());
+        assert_eq!(b.finish(), Ok(raw.len()));
+        assert_eq!(out, raw);
+    }
+
+    #[test]
+    fn opaque_string_preparation() {
+        // Printable ASCII is already prepared, and not copied.
+        for s in [
+            "alice",
+            "1700000000:bob@example.com/x",
+            "pa ss:~!",
+            "Tpz/nKkyvX/vMSLKvL4sbtBt8Vs=",
+        ] {
+            assert!(
+                matches!(opaque_string(s, "x"), Ok(Cow::Borrowed(b)) if b == s),
+                "{s}"
+            );
+        }
+        // Non-ASCII spaces map to U+0020 (RFC 8265 §4.2.1, additional mapping rule).
+        assert_eq!(
+            opaque_string("pass\u{A0}word\u{3000}!", "x").as_deref(),
+            Ok("pass word !")
+        );
+        // NFC (normalization rule): a combining accent composes, compatibility forms stay.
+        assert_eq!(
+            opaque_string("cafe\u{301}", "x").as_deref(),
+            Ok("caf\u{e9}")
+        );
+        assert_eq!(opaque_string("\u{2168}", "x").as_deref(), Ok("\u{2168}"));
+        assert_eq!(
+            opaque_string("\u{30DE}\u{30C8}\u{30EA}\u{30C3}\u{30AF}\u{30B9}", "x").as_deref(),
+            Ok("\u{30DE}\u{30C8}\u{30EA}\u{30C3}\u{30AF}\u{30B9}")
+        );
+        // FreeformClass refusals: empty, controls (also ASCII ones), unassigned, default ignorables.
+        for bad in [
+            "",
+            "tab\there",
+            "bell\u{7}",
+            "del\u{7f}",
+            "nl\n",
+            "\u{378}",
+            "soft\u{AD}hyphen",
+        ] {
+            assert_eq!(
+                opaque_string(bad, "password"),
+                Err(CredentialError::NotOpaqueString("password")),
+                "{bad:?}"
+            );
+        }
+        // Keys of equivalent spellings agree; a refused password has no key.
+        assert_eq!(
+            LongTermKey::md5("u", "r", "pass\u{A0}word"),
+            LongTermKey::md5("u", "r", "pass word")
+        );
+        assert_eq!(
+            LongTermKey::md5("u", "", "p"),
+            Err(CredentialError::NotOpaqueString("realm"))
+        );
+    }
+
+    #[test]
+    fn nonce_cookie_features() {
+        assert_eq!(nonce_prefix(0), "obMatJos2AAAA");
+        assert_eq!(nonce_prefix(feature::PASSWORD_ALGORITHMS), "obMatJos2AAAB");
+        assert_eq!(
+            nonce_prefix(feature::PASSWORD_ALGORITHMS | feature::USERNAME_ANONYMITY),
+            "obMatJos2AAAD"
+        );
+        assert_eq!(nonce_prefix(0x00ff_ffff), "obMatJos2////");
+        for bits in [0, 1, 2, 3, 0x40, 0x00ab_cdef, 0x00ff_ffff] {
+            let n = format!("{}rest", nonce_prefix(bits));
+            assert_eq!(security_features(&n), Some(bits));
+        }
+        // RFC 5389-style opaque NONCEs, short or non-base64 feature fields: no features.
+        for n in [
+            "f//499k954d6OL34oL9FSTvy64sA",
+            "obMatJos2",
+            "obMatJos2AA",
+            "obMatJos2AA-_x",
+            "obMatJos2AA\u{e9}",
+            "xobMatJos2AAAB",
+        ] {
+            assert_eq!(security_features(n), None, "{n}");
+        }
+    }
+
     #[test]
     fn integrity_sha256_and_both() {
-        let key = LongTermKey::derive(PasswordAlgorithm::Sha256, "u", "r", "p");
+        let key = LongTermKey::derive(PasswordAlgorithm::Sha256, "u", "r", "p").expect("key");
         let mut out = vec![0xAA, 0xBB]; // builder appends after existing bytes
         let mut b = MessageBuilder::new(
             &mut out,
@@ -1810,12 +2054,13 @@ mod tests {
     #[test]
     fn long_term_keys() {
         // MD5("user:realm:pass")
-        let k = LongTermKey::md5("user", "realm", "pass");
+        let k = LongTermKey::md5("user", "realm", "pass").expect("key");
         assert_eq!(
             hex::encode(k.as_bytes()),
             "8493fbc53ba582fb4c044c456bdc40eb"
         );
-        let s = LongTermKey::derive(PasswordAlgorithm::Sha256, "user", "realm", "pass");
+        let s =
+            LongTermKey::derive(PasswordAlgorithm::Sha256, "user", "realm", "pass").expect("key");
         assert_eq!(s.as_bytes().len(), 32);
         assert!(k.ct_eq(&k.clone()) && !k.ct_eq(&s));
     }

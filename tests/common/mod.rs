@@ -5,6 +5,8 @@
 //! Each integration-test crate uses a different subset of these helpers.
 #![allow(dead_code)]
 
+pub mod xmpp_client;
+
 use std::fs::File;
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener};
