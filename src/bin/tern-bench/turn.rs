@@ -392,7 +392,9 @@ struct Auth {
     password: String,
     realm: String,
     nonce: String,
-    key: LongTermKey,
+    /// Derived from the first 401 (`Auth::learn`); `None` before, or when the credentials are not
+    /// valid OpaqueStrings (requests then go unsigned and the server answers 401).
+    key: Option<LongTermKey>,
 }
 
 impl Auth {
@@ -407,7 +409,7 @@ impl Auth {
             .or(a.realm.as_deref())
             .unwrap_or_default()
             .to_string();
-        self.key = LongTermKey::md5(&self.username, &self.realm, &self.password);
+        self.key = LongTermKey::md5(&self.username, &self.realm, &self.password).ok();
         true
     }
 }
@@ -448,8 +450,7 @@ impl Client {
                 password: password.to_string(),
                 realm: String::new(),
                 nonce: String::new(),
-                // Replaced by the first 401 (`Auth::learn`) before any request carries it.
-                key: LongTermKey::md5("", "", ""),
+                key: None,
             },
             request_timeout,
             buf: Vec::with_capacity(256),
@@ -474,11 +475,11 @@ impl Client {
                 .xor_address(attr::XOR_PEER_ADDRESS, *peer),
             Req::Delete => b.u32_value(attr::LIFETIME, 0),
         };
-        if !self.auth.nonce.is_empty() {
+        if let (false, Some(key)) = (self.auth.nonce.is_empty(), &self.auth.key) {
             b.text(attr::USERNAME, &self.auth.username)
                 .text(attr::REALM, &self.auth.realm)
                 .text(attr::NONCE, &self.auth.nonce)
-                .integrity(self.auth.key.as_bytes());
+                .integrity(key.as_bytes());
         }
         b.finish().map(|_| ()).map_err(|e| e.to_string())
     }
@@ -1263,7 +1264,7 @@ mod tests {
                 .unwrap();
             let m = Message::parse(&c.buf).unwrap();
             assert_eq!(m.text(attr::REALM).unwrap(), Some("r"));
-            assert!(m.check_integrity(LongTermKey::md5("u", "r", "p").as_bytes()));
+            assert!(m.check_integrity(LongTermKey::md5("u", "r", "p").unwrap().as_bytes()));
         });
     }
 
