@@ -1,7 +1,7 @@
 //! Batched UDP I/O (`recvmmsg`/`sendmmsg` on Linux) for the TURN relay's hot path.
 //!
-//! Nearly all of a relayed datagram's cost is the kernel's, so the relay cuts kernel crossings and
-//! wake-ups: one `recvmmsg` reads up to [`BATCH`] datagrams, one `sendmmsg` sends a burst of frames
+//! Nearly all of a relayed datagram's cost is the kernel's, so the relay cuts kernel crossings: one
+//! `recvmmsg` reads up to [`BATCH`] datagrams, one `sendmmsg` sends a burst of frames
 //! to clients, and a short read tells the caller the socket is drained (no extra `EAGAIN` read per
 //! wake-up). Linux only, like the rest of the deployment.
 

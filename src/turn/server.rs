@@ -13,7 +13,8 @@
 //! Per-packet work allocates nothing: each loop owns its receive and send buffers. UDP is read and
 //! written in batches (`mmsg`): a listener loop reads up to 32 datagrams per system call, and the
 //! frames relay loops produce for UDP clients are queued and sent by the listener loop with one
-//! `sendmmsg` per burst, so bursts cost fewer kernel crossings and wake the receivers less often.
+//! `sendmmsg` per burst: a burst costs one system call, not one per datagram (BENCHMARKS.md, "TURN
+//! relay": the kernel's per-datagram work, not the calls, is what remains).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
