@@ -13,7 +13,6 @@
 //! push histogram), tools record echo time − `t` (round trip).
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -27,13 +26,13 @@ use tokio::net::TcpStream;
 use tokio::sync::{Semaphore, watch};
 use tokio_rustls::client::TlsStream;
 
-use crate::client::{self, Phase, Session, TlsMode};
+use crate::ConnectArgs;
+use crate::client::{self, Phase, Session};
 use crate::connect::{self, Fleet, USERS_PER_WORKER, round};
 use crate::engine::{mono_ns, stopped};
-use crate::net::{self, SourceIps, SuitePref};
+use crate::net::{self};
 use crate::push::{Stamp, body_text, parse_stamp, write_stamp};
 use crate::stats::{Histogram, Percentiles, ServerMeter};
-use crate::{ConnectArgs, WorkerCount, parse_workers};
 
 /// Id prefix of the tool's messages: endpoints echo only these, so other traffic (pushes,
 /// server notices) is never answered.
@@ -75,38 +74,12 @@ pub struct ChatArgs {
     /// Extra filler bytes in each body (`;p=xxx…`).
     #[arg(long, default_value_t = 0)]
     pub body_pad: usize,
-
-    /// XMPP server address (c2s).
-    #[arg(long, default_value = "127.0.0.1:5223")]
-    pub server: SocketAddr,
-    /// `direct` (XEP-0368) or `starttls`.
-    #[arg(long, value_enum, default_value = "direct")]
-    pub tls: TlsMode,
-    /// XMPP domain.
-    #[arg(long, default_value = "localhost")]
-    pub domain: String,
-    /// TLS server name (SNI); defaults to --domain.
-    #[arg(long)]
-    pub sni: Option<String>,
+    /// How the clients connect and log in.
+    #[command(flatten)]
+    pub login: crate::Login,
     /// Logins per second during the ramp (0 = as fast as possible).
     #[arg(long, default_value_t = 0.0)]
     pub login_rate: f64,
-    /// Maximum logins in flight at once.
-    #[arg(long, default_value_t = 200)]
-    pub concurrency: usize,
-    /// Password pattern; `{i}` is the user index, `{user}` the username.
-    #[arg(
-        long,
-        conflicts_with = "device_secret",
-        required_unless_present = "device_secret"
-    )]
-    pub password_pattern: Option<String>,
-    /// Device credentials: password = hex(HMAC-SHA256(secret, "user@domain")).
-    #[arg(long, env = "TERN_BENCH_DEVICE_SECRET", hide_env_values = true)]
-    pub device_secret: Option<String>,
-    /// Source addresses for the XMPP connections (range and/or list).
-    #[arg(long, default_value = "127.0.0.1", value_parser = SourceIps::parse)]
-    pub source_ips: SourceIps,
     /// PID of the server: report its CPU time and RSS over the exchange.
     #[arg(long)]
     pub server_pid: Option<u32>,
@@ -116,19 +89,6 @@ pub struct ChatArgs {
     /// Overall time limit in seconds (logins + sending + drain).
     #[arg(long, default_value_t = 180.0)]
     pub timeout: f64,
-    /// Time limit for one login, seconds.
-    #[arg(long, default_value_t = 30.0)]
-    pub login_timeout: f64,
-    /// Worker processes for the endpoints (`auto` = one per 18,000 endpoints).
-    #[arg(long, default_value = "auto", value_parser = parse_workers)]
-    pub workers: WorkerCount,
-    /// Tokio worker threads per process (default: CPUs available; 1 = current-thread runtime).
-    #[arg(long)]
-    pub threads: Option<usize>,
-    #[arg(long, hide = true)]
-    pub worker_index: Option<u64>,
-    #[arg(long, hide = true)]
-    pub worker_count: Option<u64>,
 }
 
 impl ChatArgs {
@@ -136,30 +96,16 @@ impl ChatArgs {
     /// loop answers through [`echo_reply`]).
     fn endpoint_args(&self) -> ConnectArgs {
         ConnectArgs {
-            server: self.server,
-            tls: self.tls,
-            domain: self.domain.clone(),
-            sni: self.sni.clone(),
+            login: self.login.clone(),
             users: self.endpoints,
             first_user: self.first_endpoint,
             rate: self.login_rate,
-            concurrency: self.concurrency,
             user_pattern: self.endpoint_pattern.clone(),
-            password_pattern: self.password_pattern.clone(),
-            device_secret: self.device_secret.clone(),
             hold: 0.0,
             settle: 0.0,
-            source_ips: self.source_ips.clone(),
             server_pid: None,
             json: self.json,
             timeout: self.timeout,
-            login_timeout: self.login_timeout,
-            no_resume: false,
-            prefer_suite: SuitePref::Default,
-            workers: self.workers,
-            threads: self.threads,
-            worker_index: self.worker_index,
-            worker_count: self.worker_count,
             progress: false,
             plot: None,
         }
@@ -196,7 +142,7 @@ impl ChatArgs {
         for (name, v) in [
             ("--duration", self.duration),
             ("--timeout", self.timeout),
-            ("--login-timeout", self.login_timeout),
+            ("--login-timeout", self.login.login_timeout),
         ] {
             if !(v > 0.0 && v.is_finite()) {
                 bail!("{name} must be positive");
@@ -212,9 +158,10 @@ impl ChatArgs {
 pub fn main(args: ChatArgs) -> anyhow::Result<()> {
     let conn = args.endpoint_args();
     let nofile = net::raise_nofile();
-    let workers = match (args.worker_index, args.worker_count) {
+    let workers = match (args.login.worker_index, args.login.worker_count) {
         (Some(index), Some(count)) => return connect::run_worker(conn, index, count, None),
         (None, None) => args
+            .login
             .workers
             .0
             .unwrap_or_else(|| args.endpoints.div_ceil(USERS_PER_WORKER).max(1)),
@@ -438,7 +385,7 @@ async fn tool_task(session: Session, plan: Arc<Plan>, mut stop: watch::Receiver<
 /// Log the tools in, all at once (there are few), each bounded by the login timeout.
 async fn login_tools(args: &ChatArgs) -> anyhow::Result<(Vec<Session>, BTreeMap<String, u64>)> {
     let ctx = connect::client_ctx(&args.tool_args())?;
-    let limit = Duration::from_secs_f64(args.login_timeout);
+    let limit = Duration::from_secs_f64(args.login.login_timeout);
     let logins = (0..args.tools).map(|i| {
         let ctx = ctx.clone();
         async move {
@@ -518,7 +465,7 @@ async fn orchestrate(args: ChatArgs, conn: ConnectArgs, workers: u64) -> anyhow:
             let user = args
                 .endpoint_pattern
                 .replace("{i}", &(args.first_endpoint + k).to_string());
-            escape(&format!("{user}@{}", args.domain)).into_owned()
+            escape(&format!("{user}@{}", args.login.domain)).into_owned()
         })
         .collect();
     let t0_ns = mono_ns() + 1_000_000;
@@ -606,7 +553,7 @@ async fn orchestrate(args: ChatArgs, conn: ConnectArgs, workers: u64) -> anyhow:
     let rtt = plan.rtt.lock().map(|h| h.clone()).unwrap_or_default();
     let report = Report {
         scenario: "chat",
-        server: args.server.to_string(),
+        server: args.login.server.to_string(),
         endpoints: args.endpoints,
         tools: args.tools,
         workers,

@@ -56,9 +56,10 @@ pub(crate) enum Role {
 /// connections (plus `extra_fds`) would not fit under the limit.
 pub(crate) fn role(args: &ConnectArgs, extra_fds: u64) -> anyhow::Result<Role> {
     let nofile = net::raise_nofile();
-    let workers = match (args.worker_index, args.worker_count) {
+    let workers = match (args.login.worker_index, args.login.worker_count) {
         (Some(index), Some(count)) => return Ok(Role::Worker { index, count }),
         (None, None) => args
+            .login
             .workers
             .0
             .unwrap_or_else(|| args.users.div_ceil(USERS_PER_WORKER).max(1)),
@@ -81,7 +82,8 @@ pub(crate) fn role(args: &ConnectArgs, extra_fds: u64) -> anyhow::Result<Role> {
 }
 
 pub(crate) fn threads(args: &ConnectArgs) -> usize {
-    args.threads
+    args.login
+        .threads
         .unwrap_or_else(|| {
             std::thread::available_parallelism()
                 .map(|n| n.get())
@@ -105,29 +107,33 @@ pub(crate) fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime>
 }
 
 pub(crate) fn client_ctx(args: &ConnectArgs) -> anyhow::Result<Arc<ClientCtx>> {
-    let password = match (&args.password_pattern, &args.device_secret) {
+    let password = match (&args.login.password_pattern, &args.login.device_secret) {
         (Some(p), None) => Password::Pattern(p.clone()),
         (None, Some(s)) => Password::Device(s.clone()),
         _ => bail!("give exactly one of --password-pattern and --device-secret"),
     };
-    let sni = args.sni.clone().unwrap_or_else(|| args.domain.clone());
+    let sni = args
+        .login
+        .sni
+        .clone()
+        .unwrap_or_else(|| args.login.domain.clone());
     let server_name =
         ServerName::try_from(sni).context("--sni / --domain is not a valid TLS server name")?;
     let config = net::client_config(
-        !args.no_resume,
+        !args.login.no_resume,
         1024,
-        args.tls == TlsMode::Direct,
-        args.prefer_suite,
+        args.login.tls == TlsMode::Direct,
+        args.login.prefer_suite,
     )?;
     Ok(Arc::new(ClientCtx {
-        server: args.server,
-        mode: args.tls,
-        domain: args.domain.clone(),
+        server: args.login.server,
+        mode: args.login.tls,
+        domain: args.login.domain.clone(),
         server_name,
         connector: TlsConnector::from(config),
         user_pattern: args.user_pattern.clone(),
         password,
-        source_ips: args.source_ips.clone(),
+        source_ips: args.login.source_ips.clone(),
     }))
 }
 
@@ -141,8 +147,8 @@ fn fleet_params(
     FleetParams {
         share,
         rate: args.rate / count as f64,
-        concurrency: args.concurrency.div_ceil(count as usize).max(1),
-        login_timeout: Duration::from_secs_f64(args.login_timeout),
+        concurrency: args.login.concurrency.div_ceil(count as usize).max(1),
+        login_timeout: Duration::from_secs_f64(args.login.login_timeout),
         deadline,
         storm,
     }
@@ -754,14 +760,14 @@ impl Report {
         };
         Report {
             scenario: "connect",
-            server: args.server.to_string(),
-            tls: args.tls,
-            domain: args.domain.clone(),
+            server: args.login.server.to_string(),
+            tls: args.login.tls,
+            domain: args.login.domain.clone(),
             users: args.users,
             rate_target: args.rate,
-            concurrency: args.concurrency,
+            concurrency: args.login.concurrency,
             workers,
-            tls_resumption: !args.no_resume,
+            tls_resumption: !args.login.no_resume,
             attempted: s.attempted,
             ok: s.ok,
             failed: s.failed,

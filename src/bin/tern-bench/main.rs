@@ -72,9 +72,11 @@ pub(crate) fn parse_workers(s: &str) -> Result<WorkerCount, String> {
     }
 }
 
+/// How the clients reach the XMPP server and log in: shared by `connect`, `storm`, `push` and
+/// `chat` (the user range and pattern are each scenario's own).
 #[derive(Debug, Clone, Args)]
-pub struct ConnectArgs {
-    /// Server address.
+pub struct Login {
+    /// XMPP server address (c2s).
     #[arg(long, default_value = "127.0.0.1:5223")]
     pub server: SocketAddr,
     /// `direct` (XEP-0368, e.g. port 5223) or `starttls` (e.g. port 5222).
@@ -86,21 +88,9 @@ pub struct ConnectArgs {
     /// TLS server name (SNI); defaults to --domain.
     #[arg(long)]
     pub sni: Option<String>,
-    /// Number of users (sessions) to log in.
-    #[arg(long, default_value_t = 1000)]
-    pub users: u64,
-    /// Index of the first user (`{i}` runs from here).
-    #[arg(long, default_value_t = 0)]
-    pub first_user: u64,
-    /// Target logins per second (0 = as fast as possible).
-    #[arg(long, default_value_t = 0.0)]
-    pub rate: f64,
     /// Maximum logins in flight at once.
     #[arg(long, default_value_t = 200)]
     pub concurrency: usize,
-    /// Username pattern; `{i}` is the user index.
-    #[arg(long, default_value = "bench-{i}")]
-    pub user_pattern: String,
     /// Password pattern; `{i}` is the user index, `{user}` the username.
     #[arg(
         long,
@@ -111,25 +101,10 @@ pub struct ConnectArgs {
     /// Use device credentials: password = hex(HMAC-SHA256(secret, "user@domain")).
     #[arg(long, env = "TERN_BENCH_DEVICE_SECRET", hide_env_values = true)]
     pub device_secret: Option<String>,
-    /// Seconds to hold the sessions after the ramp, then close them and exit.
-    #[arg(long, default_value_t = 10.0)]
-    pub hold: f64,
-    /// Seconds after the ramp before the idle server RSS is sampled (capped by --hold).
-    #[arg(long, default_value_t = 5.0)]
-    pub settle: f64,
     /// Source addresses to bind, rotated per connection: a range `127.0.0.1-127.0.0.50` and/or a
     /// comma-separated list.
     #[arg(long, default_value = "127.0.0.1", value_parser = SourceIps::parse)]
     pub source_ips: SourceIps,
-    /// PID of the server: sample its RSS and CPU from /proc.
-    #[arg(long)]
-    pub server_pid: Option<u32>,
-    /// Print one JSON object instead of the table.
-    #[arg(long)]
-    pub json: bool,
-    /// Overall time limit in seconds (ramp + hold).
-    #[arg(long, default_value_t = 120.0)]
-    pub timeout: f64,
     /// Time limit for one login (connect to bind result), seconds.
     #[arg(long, default_value_t = 30.0)]
     pub login_timeout: f64,
@@ -145,6 +120,43 @@ pub struct ConnectArgs {
     /// Tokio worker threads per process (default: CPUs available to the process; 1 = current-thread runtime).
     #[arg(long)]
     pub threads: Option<usize>,
+    #[arg(long, hide = true)]
+    pub worker_index: Option<u64>,
+    #[arg(long, hide = true)]
+    pub worker_count: Option<u64>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ConnectArgs {
+    #[command(flatten)]
+    pub login: Login,
+    /// Number of users (sessions) to log in.
+    #[arg(long, default_value_t = 1000)]
+    pub users: u64,
+    /// Index of the first user (`{i}` runs from here).
+    #[arg(long, default_value_t = 0)]
+    pub first_user: u64,
+    /// Target logins per second (0 = as fast as possible).
+    #[arg(long, default_value_t = 0.0)]
+    pub rate: f64,
+    /// Username pattern; `{i}` is the user index.
+    #[arg(long, default_value = "bench-{i}")]
+    pub user_pattern: String,
+    /// Seconds to hold the sessions after the ramp, then close them and exit.
+    #[arg(long, default_value_t = 10.0)]
+    pub hold: f64,
+    /// Seconds after the ramp before the idle server RSS is sampled (capped by --hold).
+    #[arg(long, default_value_t = 5.0)]
+    pub settle: f64,
+    /// PID of the server: sample its RSS and CPU from /proc.
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// Overall time limit in seconds (ramp + hold).
+    #[arg(long, default_value_t = 120.0)]
+    pub timeout: f64,
     /// Show a progress bar on stderr while logging in (default: only when stderr is a terminal).
     #[arg(long)]
     pub progress: bool,
@@ -152,10 +164,6 @@ pub struct ConnectArgs {
     /// ramp (with --server-pid).
     #[arg(long, value_name = "FILE")]
     pub plot: Option<std::path::PathBuf>,
-    #[arg(long, hide = true)]
-    pub worker_index: Option<u64>,
-    #[arg(long, hide = true)]
-    pub worker_count: Option<u64>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -193,8 +201,8 @@ mod tests {
         let Scenario::Connect(a) = cli.scenario else {
             panic!("expected connect");
         };
-        assert_eq!(a.source_ips.0.len(), 5);
-        assert_eq!(a.workers.0, Some(2));
+        assert_eq!(a.login.source_ips.0.len(), 5);
+        assert_eq!(a.login.workers.0, Some(2));
         assert!(
             Cli::try_parse_from([
                 "tern-bench",

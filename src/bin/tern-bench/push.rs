@@ -27,14 +27,12 @@ use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::client::TlsMode;
+use crate::ConnectArgs;
 use crate::connect::{self, Fleet, Role, round, wait_ramp};
 use crate::engine::{FleetResult, mono_ns};
-use crate::net::{SourceIps, SuitePref};
 use crate::plot;
 use crate::progress::Bar;
 use crate::stats::{self, Histogram, ProcSample};
-use crate::{ConnectArgs, WorkerCount, parse_workers};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -95,19 +93,9 @@ pub struct PushArgs {
     /// `from` of ejabberd's send_message (default `admin@DOMAIN`).
     #[arg(long)]
     pub ejabberd_from: Option<String>,
-
-    /// XMPP server address (c2s).
-    #[arg(long, default_value = "127.0.0.1:5223")]
-    pub server: SocketAddr,
-    /// `direct` (XEP-0368) or `starttls`.
-    #[arg(long, value_enum, default_value = "direct")]
-    pub tls: TlsMode,
-    /// XMPP domain.
-    #[arg(long, default_value = "localhost")]
-    pub domain: String,
-    /// TLS server name (SNI); defaults to --domain.
-    #[arg(long)]
-    pub sni: Option<String>,
+    /// How the clients connect and log in.
+    #[command(flatten)]
+    pub login: crate::Login,
     /// Clients to log in (and push to).
     #[arg(long, default_value_t = 1000)]
     pub users: u64,
@@ -117,25 +105,9 @@ pub struct PushArgs {
     /// Logins per second during the ramp (0 = as fast as possible).
     #[arg(long, default_value_t = 0.0)]
     pub login_rate: f64,
-    /// Maximum logins in flight at once.
-    #[arg(long, default_value_t = 200)]
-    pub concurrency: usize,
     /// Username pattern; `{i}` is the user index.
     #[arg(long, default_value = "bench-{i}")]
     pub user_pattern: String,
-    /// Password pattern; `{i}` is the user index, `{user}` the username.
-    #[arg(
-        long,
-        conflicts_with = "device_secret",
-        required_unless_present = "device_secret"
-    )]
-    pub password_pattern: Option<String>,
-    /// Device credentials: password = hex(HMAC-SHA256(secret, "user@domain")).
-    #[arg(long, env = "TERN_BENCH_DEVICE_SECRET", hide_env_values = true)]
-    pub device_secret: Option<String>,
-    /// Source addresses for the XMPP connections (range and/or list).
-    #[arg(long, default_value = "127.0.0.1", value_parser = SourceIps::parse)]
-    pub source_ips: SourceIps,
     /// PID of the server: sample its RSS and CPU from /proc.
     #[arg(long)]
     pub server_pid: Option<u32>,
@@ -145,15 +117,6 @@ pub struct PushArgs {
     /// Overall time limit in seconds (logins + sending + drain).
     #[arg(long, default_value_t = 180.0)]
     pub timeout: f64,
-    /// Time limit for one login, seconds.
-    #[arg(long, default_value_t = 30.0)]
-    pub login_timeout: f64,
-    /// Worker processes for the clients (`auto` = one per 18,000 users).
-    #[arg(long, default_value = "auto", value_parser = parse_workers)]
-    pub workers: WorkerCount,
-    /// Tokio worker threads per process (default: CPUs available; 1 = current-thread runtime).
-    #[arg(long)]
-    pub threads: Option<usize>,
     /// Show a progress bar on stderr while logging in (default: only when stderr is a terminal).
     #[arg(long)]
     pub progress: bool,
@@ -161,42 +124,24 @@ pub struct PushArgs {
     /// during the login ramp (with --server-pid).
     #[arg(long, value_name = "FILE")]
     pub plot: Option<std::path::PathBuf>,
-    #[arg(long, hide = true)]
-    pub worker_index: Option<u64>,
-    #[arg(long, hide = true)]
-    pub worker_count: Option<u64>,
 }
 
 impl PushArgs {
     /// The login side, as `connect` understands it (workers run the `connect` fleet unchanged).
     fn connect_args(&self) -> ConnectArgs {
         ConnectArgs {
-            server: self.server,
-            tls: self.tls,
-            domain: self.domain.clone(),
-            sni: self.sni.clone(),
+            login: self.login.clone(),
             users: self.users,
             first_user: self.first_user,
             rate: self.login_rate,
-            concurrency: self.concurrency,
             user_pattern: self.user_pattern.clone(),
-            password_pattern: self.password_pattern.clone(),
-            device_secret: self.device_secret.clone(),
             hold: 0.0,
             settle: 0.0,
-            source_ips: self.source_ips.clone(),
             server_pid: None,
             json: self.json,
             timeout: self.timeout,
-            login_timeout: self.login_timeout,
-            no_resume: false,
-            prefer_suite: SuitePref::Default,
-            workers: self.workers,
-            threads: self.threads,
             progress: self.progress,
             plot: None,
-            worker_index: self.worker_index,
-            worker_count: self.worker_count,
         }
     }
 
@@ -824,7 +769,7 @@ async fn orchestrate(args: PushArgs, conn: ConnectArgs, workers: u64) -> anyhow:
             let user = args
                 .user_pattern
                 .replace("{i}", &(args.first_user + k).to_string());
-            json_string(&format!("{user}@{}", args.domain))
+            json_string(&format!("{user}@{}", args.login.domain))
         })
         .collect();
     let max_pushes = args.count.unwrap_or(u64::MAX);
@@ -844,7 +789,7 @@ async fn orchestrate(args: PushArgs, conn: ConnectArgs, workers: u64) -> anyhow:
             &args
                 .ejabberd_from
                 .clone()
-                .unwrap_or_else(|| format!("admin@{}", args.domain)),
+                .unwrap_or_else(|| format!("admin@{}", args.login.domain)),
         ),
         jids,
         batch,
