@@ -643,6 +643,7 @@ pub(crate) struct Latency {
     pub p50_ms: f64,
     pub p90_ms: f64,
     pub p99_ms: f64,
+    pub p999_ms: f64,
     pub max_ms: f64,
     pub mean_ms: f64,
 }
@@ -654,6 +655,7 @@ impl Latency {
             p50_ms: ms(h.quantile(0.5)),
             p90_ms: ms(h.quantile(0.9)),
             p99_ms: ms(h.quantile(0.99)),
+            p999_ms: ms(h.quantile(0.999)),
             max_ms: ms(h.max()),
             mean_ms: ms(h.mean() as u64),
         }
@@ -706,8 +708,9 @@ struct Report {
     server_process: Option<ServerReport>,
 }
 
+/// Microseconds as milliseconds with three decimals (pushes and chats take well under one).
 fn ms(us: u64) -> f64 {
-    (us as f64 / 1000.0 * 100.0).round() / 100.0
+    round(us as f64 / 1000.0, 3)
 }
 
 /// `x` rounded to `digits` decimals (report figures).

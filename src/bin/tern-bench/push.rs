@@ -28,7 +28,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::ConnectArgs;
-use crate::connect::{self, Fleet, Role, round, wait_ramp};
+use crate::connect::{self, Fleet, Latency, Role, round, wait_ramp};
 use crate::engine::{FleetResult, mono_ns};
 use crate::plot;
 use crate::progress::Bar;
@@ -927,31 +927,6 @@ struct ServerSamples {
 }
 
 #[derive(Debug, Serialize)]
-struct Latency {
-    samples: u64,
-    p50_ms: f64,
-    p90_ms: f64,
-    p99_ms: f64,
-    p999_ms: f64,
-    max_ms: f64,
-    mean_ms: f64,
-}
-
-impl Latency {
-    fn of(h: &Histogram) -> Latency {
-        Latency {
-            samples: h.count(),
-            p50_ms: ms(h.quantile(0.5)),
-            p90_ms: ms(h.quantile(0.9)),
-            p99_ms: ms(h.quantile(0.99)),
-            p999_ms: ms(h.quantile(0.999)),
-            max_ms: ms(h.max()),
-            mean_ms: ms(h.mean() as u64),
-        }
-    }
-}
-
-#[derive(Debug, Serialize)]
 struct ServerReport {
     pid: u32,
     /// RSS just before the first push (all clients logged in).
@@ -1018,11 +993,6 @@ struct Report {
     /// Benchmark CPU (all its processes) during the send window, as a fraction of one core.
     bench_cpu_send_util: f64,
     server_process: Option<ServerReport>,
-}
-
-/// Microseconds as milliseconds with three decimals.
-fn ms(us: u64) -> f64 {
-    round(us as f64 / 1000.0, 3)
 }
 
 impl Report {
