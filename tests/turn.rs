@@ -700,19 +700,34 @@ impl Client {
 
     /// Allocate (UDP relay) as `user`/`pass`: an unauthenticated attempt for REALM and NONCE (401),
     /// then the authenticated one. Ok(relayed address, lifetime) or Err(the final response).
-    async fn allocate(&mut self, user: &str, pass: &str) -> Result<(SocketAddr, u32), Msg> {
+    /// An unauthenticated Allocate, as every client starts: a 401 answer's REALM and NONCE are
+    /// kept (with `user`/`pass`) for the requests that follow. Returns the answer.
+    async fn challenge(&mut self, user: &str, pass: &str) -> Msg {
         self.user = user.into();
         self.pass = pass.into();
-        let transport = vec![(A_REQUESTED_TRANSPORT, vec![17, 0, 0, 0])];
         let first = self
-            .transact(&encode(ALLOCATE, REQUEST, tid(), &transport, None))
+            .transact(&encode(
+                ALLOCATE,
+                REQUEST,
+                tid(),
+                &[(A_REQUESTED_TRANSPORT, vec![17, 0, 0, 0])],
+                None,
+            ))
             .await;
+        if (first.class, first.error_code()) == (ERROR, Some(401)) {
+            self.realm = first.text(A_REALM).expect("401 without REALM");
+            self.nonce = first.attr(A_NONCE).expect("401 without NONCE").to_vec();
+        }
+        first
+    }
+
+    async fn allocate(&mut self, user: &str, pass: &str) -> Result<(SocketAddr, u32), Msg> {
+        let first = self.challenge(user, pass).await;
         if (first.class, first.error_code()) != (ERROR, Some(401)) {
             // Not the expected challenge (e.g. 437: this 5-tuple already has an allocation).
             return Err(first);
         }
-        self.realm = first.text(A_REALM).expect("401 without REALM");
-        self.nonce = first.attr(A_NONCE).expect("401 without NONCE").to_vec();
+        let transport = vec![(A_REQUESTED_TRANSPORT, vec![17, 0, 0, 0])];
         let mut attrs = transport.clone();
         if self.integrity == Integrity::Sha256
             && let Some(algs) = first.attr(A_PASSWORD_ALGORITHMS)
@@ -1209,19 +1224,8 @@ async fn unauthenticated_answers_are_small() {
 async fn failed_requests_are_rate_limited_per_source() {
     let (_server, turn_addr) = start_turn("unauthenticated_per_sec = 5");
     let mut c = Client::udp(turn_addr).await;
-    let first = c
-        .transact(&encode(
-            ALLOCATE,
-            REQUEST,
-            tid(),
-            &[(A_REQUESTED_TRANSPORT, vec![17, 0, 0, 0])],
-            None,
-        ))
-        .await;
-    c.user = USER.into();
-    c.pass = "wrong".into();
-    c.realm = first.text(A_REALM).unwrap();
-    c.nonce = first.attr(A_NONCE).unwrap().to_vec();
+    let first = c.challenge(USER, "wrong").await;
+    assert_code(&first, 401, "unauthenticated Allocate");
     let sent = 60;
     let started = Instant::now();
     for _ in 0..sent {
@@ -1254,19 +1258,8 @@ async fn failed_requests_are_rate_limited_per_source() {
 async fn stale_nonce_gets_438_with_a_fresh_nonce() {
     let (_server, turn_addr) = start_turn("nonce_lifetime_secs = 1");
     let mut c = Client::udp(turn_addr).await;
-    let first = c
-        .transact(&encode(
-            ALLOCATE,
-            REQUEST,
-            tid(),
-            &[(A_REQUESTED_TRANSPORT, vec![17, 0, 0, 0])],
-            None,
-        ))
-        .await;
-    c.user = USER.into();
-    c.pass = PASS.into();
-    c.realm = first.text(A_REALM).unwrap();
-    c.nonce = first.attr(A_NONCE).unwrap().to_vec();
+    let first = c.challenge(USER, PASS).await;
+    assert_code(&first, 401, "unauthenticated Allocate");
     // Let the NONCE go stale (lifetime 1 s; issue times may be rounded to the second).
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let req = c.authed(
