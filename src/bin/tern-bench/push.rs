@@ -842,11 +842,7 @@ async fn orchestrate(args: PushArgs, conn: ConnectArgs, workers: u64) -> anyhow:
                     rx.saturating_sub(prev.2) as f64 / dt,
                 );
                 if let Some(s) = sample(args.server_pid, &mut peak_rss) {
-                    line += &format!(
-                        "  | server cpu {:.0}% rss {:.1} MiB",
-                        s.cpu_ms.saturating_sub(prev.3) as f64 / 10.0 / dt,
-                        s.rss_kib as f64 / 1024.0
-                    );
+                    line += &s.progress(prev.3, dt);
                     prev.3 = s.cpu_ms;
                 }
                 eprintln!("{line}");

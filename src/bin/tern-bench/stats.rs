@@ -122,6 +122,18 @@ pub struct ProcSample {
     pub cpu_ms: u64,
 }
 
+impl ProcSample {
+    /// The server part of a once-a-second progress line: CPU share since the sample with
+    /// `prev_cpu_ms`, `dt` seconds ago, and the RSS now.
+    pub fn progress(&self, prev_cpu_ms: u64, dt: f64) -> String {
+        format!(
+            "  | server cpu {:.0}% rss {:.1} MiB",
+            self.cpu_ms.saturating_sub(prev_cpu_ms) as f64 / 10.0 / dt,
+            self.rss_kib as f64 / 1024.0
+        )
+    }
+}
+
 fn clock_ticks() -> u64 {
     // SAFETY: sysconf has no memory-safety preconditions.
     let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };

@@ -955,11 +955,7 @@ async fn orchestrate(args: TurnArgs) -> anyhow::Result<()> {
                         cpu.saturating_sub(prev.3) as f64 / 10.0 / dt,
                     );
                     if let Some(s) = server.sample() {
-                        line += &format!(
-                            "  | server cpu {:.0}% rss {:.1} MiB",
-                            s.cpu_ms.saturating_sub(prev.2) as f64 / 10.0 / dt,
-                            s.rss_kib as f64 / 1024.0
-                        );
+                        line += &s.progress(prev.2, dt);
                         prev.2 = s.cpu_ms;
                     }
                     eprintln!("{line}");
